@@ -113,6 +113,12 @@ def build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
     class TimedBuildExtension(BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            # A fixed object folder (pip would use a fresh temporary one) lets ninja rebuild
+            # only what changed when the package is reinstalled.
+            self.build_temp = str(ROOT / "build" / "temp")
+
         def run(self):
             start = time.perf_counter()
             super().run()

@@ -12,6 +12,7 @@ from tolerance import assert_close_to_reference
 
 NEG_INF = float("-inf")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
 
 
 def make_parts(num_parts: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: str, *,
@@ -42,7 +43,7 @@ def check_against_reference(parts_out: torch.Tensor, parts_lse: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("num_parts", [1, 2, 3, 8, 64])
 @pytest.mark.parametrize("head_dim", [7, 128])
 def test_matches_reference(device, dtype, num_parts, head_dim):
@@ -67,7 +68,7 @@ def test_many_parts_and_rows(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("offset", [1000.0, -1000.0])
 def test_huge_lse_magnitudes(device, dtype, offset):
     parts_out, parts_lse = make_parts(8, 4, 6, 32, dtype, device, lse_scale=30.0, lse_offset=offset)
@@ -96,7 +97,7 @@ def test_single_present_part_is_copied(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_associativity(device, dtype):
     # merge(merge(A), merge(B)) == merge(A u B): Helix may merge in stages (splits, then ranks).
     parts_out, parts_lse = make_parts(12, 3, 4, 40, dtype, device)
@@ -175,7 +176,7 @@ def test_device_mismatch():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_opcheck(device, dtype):
     parts_out, parts_lse = make_parts(3, 2, 4, 16, dtype, device)
     parts_out = torch.nan_to_num(parts_out)  # opcheck compares outputs of several paths

@@ -1,0 +1,1 @@
+"""helix-ext microbenchmarks: the roofline runner (`python -m bench`) and pytest-benchmark files."""

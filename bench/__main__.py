@@ -1,0 +1,161 @@
+"""Roofline runner: python -m bench [--quick | --smoke] [--device cpu|cuda] [--out-dir DIR]
+
+Measures the device's copy bandwidth first, then every op at its benchmark shapes, and
+prints one table: shape, median us, achieved GB/s, fraction of copy bandwidth, peer median
+us, speedup over the peer. Writes bench/results/<gpu>-<date>-<commit>.json (also to
+--out-dir when given, e.g. $OUT on the device machine). On a GPU with cupy installed,
+cupyx.profiler.benchmark times each op's standard shape as an independent cross-check of
+the event timings (written beside the JSON as <name>.crosscheck.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import helix_ext
+from bench.cases import cases
+from bench.timing import Timer, copy_bandwidth_gbs
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def git_commit() -> str:
+    if os.environ.get("HELIX_COMMIT"):
+        return os.environ["HELIX_COMMIT"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+def driver_version() -> str | None:
+    if shutil.which("nvidia-smi"):
+        try:
+            text = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=60).stdout.strip()
+            if text:
+                return text.splitlines()[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else version
+    except Exception:  # noqa: BLE001  (pynvml missing or no driver: the field stays empty)
+        return None
+
+
+def cupy_cross_check(case, repeats: int) -> dict | None:
+    try:
+        from cupyx.profiler import benchmark
+    except ImportError:
+        return None
+    result = benchmark(case.run, n_repeat=repeats, n_warmup=10)
+    gpu_us = float(sorted(result.gpu_times[0])[len(result.gpu_times[0]) // 2] * 1e6)
+    return {"op": case.op, "shape": case.shape, "cupy_median_us": gpu_us,
+            "note": "cupyx.profiler.benchmark, warm L2 (no flush between calls)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="standard shapes only, fewer repeats")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, not the speed")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when a GPU and CUDA kernels are there")
+    parser.add_argument("--out-dir", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--no-save", action="store_true", help="do not write into bench/results/")
+    args = parser.parse_args(argv)
+
+    cuda_ready = torch.cuda.is_available() and helix_ext.build_info()["with_cuda"]
+    device = args.device or ("cuda" if cuda_ready else "cpu")
+    if device == "cuda" and not cuda_ready:
+        parser.error("--device cuda needs a GPU and helix_ext's CUDA kernels")
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if device == "cuda":
+        timer = Timer(device, warmup=10, repeats=30 if mode != "full" else 100)
+    else:
+        timer = Timer(device, warmup=1, repeats=3 if mode != "full" else 7)
+
+    copy_gbs = copy_bandwidth_gbs(device, timer)
+    name = torch.cuda.get_device_name() if device == "cuda" else None
+    report = {
+        "gpu": name,
+        "driver": driver_version() if device == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device == "cuda" else None,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_gbs": round(copy_gbs, 1),
+        "results": [],
+    }
+    where = name or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    print(f"device: {where}; copy bandwidth {copy_gbs:.1f} GB/s (read + write); mode {mode}")
+    header = f"{'op':<14} {'shape':<34} {'median us':>10} {'GB/s':>9} {'of copy':>8} {'peer us':>10} {'speedup':>8}"
+    print(header)
+    print("-" * len(header))
+    all_cases = cases(device, mode)
+    for case in all_cases:
+        median = timer.median_us(case.run)
+        achieved = case.bytes_moved / median / 1e3
+        peer_median = timer.median_us(case.peer) if case.peer else None
+        entry = {
+            "op": case.op, "shape": case.shape, "median_us": round(median, 2),
+            "achieved_gbs": round(achieved, 1), "fraction_of_copy_bw": round(achieved / copy_gbs, 3),
+            "peer": case.peer_name if case.peer else None,
+            "peer_median_us": round(peer_median, 2) if peer_median else None,
+            "speedup_vs_peer": round(peer_median / median, 2) if peer_median else None,
+        }
+        report["results"].append(entry)
+        peer_text = f"{peer_median:>10.1f} {peer_median / median:>7.2f}x" if peer_median else f"{'-':>10} {'-':>8}"
+        print(f"{case.op:<14} {case.shape:<34} {median:>10.1f} {achieved:>9.1f} "
+              f"{achieved / copy_gbs:>8.3f} {peer_text}")
+
+    cross_checks = []
+    if device == "cuda":
+        standard = {}
+        for case in all_cases:
+            standard.setdefault(case.op, case)
+        for case in standard.values():
+            check = cupy_cross_check(case, repeats=timer.repeats)
+            if check is None:
+                print("cupy is not installed: no cross-check of the event timings")
+                break
+            cross_checks.append(check)
+            print(f"cross-check (cupy) {case.op} {case.shape}: {check['cupy_median_us']:.1f} us median")
+
+    slug = re.sub(r"[^a-z0-9]+", "-", (name or "cpu").lower()).strip("-")
+    stem = f"{slug}-{datetime.date.today().strftime('%Y%m%d')}-{report['commit']}"
+    if mode == "smoke":
+        stem += "-smoke"
+    targets = ([] if args.no_save else [RESULTS]) + ([args.out_dir] if args.out_dir else [])
+    for directory in targets:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        if cross_checks:
+            (directory / f"{stem}.crosscheck.json").write_text(json.dumps(cross_checks, indent=2) + "\n")
+        print(f"wrote {directory / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's main-job command: set up (idempotent), build, run the demo.
+# Extra arguments go to the demo, e.g. scripts/demo.sh --seq-len 65536 --kvp 8
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh
+exec "${HELIX_VENV:-.venv}/bin/python" -m helix_ext demo "$@"

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The one prepared command for a GPU machine: build for the local arch with every core,
+# run the whole test suite (GPU tests included), compute-sanitizer memcheck on a small GPU
+# subset, and the quick roofline benchmark. Offline, with the machine's own torch.
+# Logs and the benchmark JSON go to $OUT (default build/device-check) and the JSON also to
+# bench/results/. Prints a short summary last. Budget: well under 8 minutes on 16 cores.
+#   HELIX_COMMIT=<sha> scripts/device_check.sh     (the device machine has no git)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$PWD/build/device-check}
+mkdir -p "$out"
+summary="$out/summary.txt"
+: > "$summary"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+failed=0
+started=$(date +%s)
+
+# step NAME TIMEOUT_S COMMAND...: runs with a time limit, logs to $out/NAME.log, records rc.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local begin rc
+  begin=$(date +%s)
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  tail -n 15 "$out/$name.log"
+  [ "$rc" -ne 0 ] && failed=1
+  printf '%-10s rc=%-3s %4ss\n' "$name" "$rc" "$(( $(date +%s) - begin ))" >> "$summary"
+  return "$rc"
+}
+
+{
+  echo "commit: ${HELIX_COMMIT:-unknown}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | head -n 2
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'capability', torch.cuda.get_device_capability())"
+} >> "$summary" 2>&1
+
+arch=$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m in (9, 10) else ''))")
+step build 200 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" HELIX_NVCC_THREADS=1 \
+  HELIX_REQUIRE_CUDA=1 HELIX_PTXAS_VERBOSE=1 \
+  "$py" -m pip install -v --no-build-isolation --no-deps -e .
+if [ "$failed" -eq 0 ]; then
+  step tests 150 "$py" -m pytest tests -q -rs -p no:cacheprovider
+  step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    "$py" -m pytest -q -p no:cacheprovider \
+    "tests/test_merge_states.py::test_matches_reference[128-8-bf16-cuda]" \
+    "tests/test_merge_states.py::test_matches_reference[7-3-fp32-cuda]" \
+    "tests/test_merge_states.py::test_strided_inputs" \
+    "tests/test_merge_states.py::test_empty_shapes" -m gpu
+  step bench 90 "$py" -m bench --quick --out-dir "$out"
+fi
+
+echo
+echo "=== summary ($(( $(date +%s) - started )) s in all; logs in $out)"
+grep -E "ptxas info *: Used|spill" "$out/build.log" 2>/dev/null | sort | uniq -c | head -n 12
+grep -E "passed|failed|error" "$out/tests.log" 2>/dev/null | tail -n 3
+grep -E "ERROR SUMMARY" "$out/memcheck.log" 2>/dev/null | tail -n 1
+cat "$summary"
+exit "$failed"
