@@ -18,6 +18,11 @@ TORCH_LIBRARY(helix, m) {
   m.def(
       "merge_states(Tensor parts_out, Tensor parts_lse) -> (Tensor out, Tensor lse)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "flash_decode(Tensor q, Tensor k_cache, Tensor? v_cache, Tensor block_table, Tensor seq_lens, "
+      "float softmax_scale, int head_dim_v=-1, Tensor? k_scale=None, Tensor? v_scale=None, "
+      "int num_splits=0) -> (Tensor out, Tensor lse)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 namespace {

@@ -7,11 +7,14 @@ them, and check the same shapes and dtypes as the native kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from helix_ext._build_info import CUDA_BUILT, CUDA_SKIP_REASON
 
 _MERGE_STATES_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLASH_DECODE_Q_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _require_device_kernel(op: str, tensor: torch.Tensor) -> None:
@@ -66,4 +69,119 @@ def _merge_states_fake(parts_out: torch.Tensor, parts_lse: torch.Tensor):
     torch._check(head_dim >= 1, lambda: "merge_states: parts_out must have a head dim D >= 1")
     out = parts_out.new_empty((batch, heads, head_dim))
     lse = parts_out.new_empty((batch, heads), dtype=torch.float32)
+    return out, lse
+
+
+def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, softmax_scale: float, head_dim_v: int = -1,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                 num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over one KV shard of a paged cache, returning the partial output and its LSE.
+
+    For each sequence b and query head h (reading KV head ``h // (Hq // Hkv)``, so MHA, GQA
+    and MQA are all covered): ``s_t = softmax_scale * k_scale * (q[b, h] . K_t)`` over the
+    sequence's first ``seq_lens[b]`` cached tokens, ``lse[b, h] = log(sum_t exp(s_t))``
+    (natural log, fp32) and ``out[b, h] = v_scale * sum_t softmax(s)_t V_t``. A sequence of
+    length 0 (an empty shard) gives ``out = 0`` and ``lse = -inf``, which ``merge_states``
+    treats as absent: running this op on each KV-parallel shard and merging the results
+    reproduces attention over the whole sequence exactly.
+
+    Args:
+        q: ``[B, Hq, Dk]`` bfloat16 or float16 (one decode token per sequence).
+        k_cache: ``[num_blocks, block_size, Hkv, Dk]`` in q's dtype or float8_e4m3fn; any
+            block size >= 1; strides allowed, the last dim contiguous.
+        v_cache: ``[num_blocks, block_size, Hkv, Dv]`` with k_cache's dtype, or None for MLA's
+            absorbed form (V = the first ``head_dim_v`` dims of each K entry, scaled by k_scale).
+        block_table: ``[B, max_blocks]`` int32, the physical block of each logical block.
+        seq_lens: ``[B]`` int32, tokens per sequence, ``0 <= seq_lens[b] <= max_blocks * block_size``.
+        softmax_scale: the score scale, typically ``Dk ** -0.5``.
+        head_dim_v: Dv for MLA (-1: Dk, or v_cache's head dim when v_cache is given).
+        k_scale, v_scale: float32 one-element tensors, per-tensor dequantization multipliers
+            (required for float8 caches; v_scale must be None for MLA).
+        num_splits: KV splits per sequence inside one GPU (0 = choose from the device's SM
+            count, B * Hkv and the cache capacity; the actual lengths are split evenly on the
+            device). Ignored on the CPU, which chooses its own chunks.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[B, Hq, Dv]`` in q's dtype, ``lse`` ``[B, Hq]`` float32.
+
+    Block ids and lengths are validated on CPU; on CUDA only with ``HELIX_CHECK_INPUTS=1``
+    (a device sync), otherwise invalid values give an unspecified result, never an
+    out-of-bounds access.
+    """
+    _require_device_kernel("flash_decode", q)
+    return torch.ops.helix.flash_decode.default(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                                                head_dim_v, k_scale, v_scale, num_splits)
+
+
+def _check_scale(scale, name: str) -> None:
+    if scale is not None and (scale.dtype != torch.float32 or scale.numel() != 1):
+        raise RuntimeError(f"flash_decode: {name} must be a float32 tensor with one element (a per-tensor scale), "
+                           f"got {scale.dtype} with shape {tuple(scale.shape)}")
+
+
+@torch.library.register_fake("helix::flash_decode")
+def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, head_dim_v=-1, k_scale=None,
+                       v_scale=None, num_splits=0):
+    # The same checks as csrc/flash_decode_args.h, minus the value checks (they need data).
+    if q.dim() != 3:
+        raise RuntimeError(f"flash_decode: q must be 3-D [B, Hq, Dk], got shape {tuple(q.shape)}")
+    if q.dtype not in _FLASH_DECODE_Q_DTYPES:
+        raise RuntimeError(f"flash_decode: q must be bfloat16 or float16, got {q.dtype}")
+    if k_cache.dim() != 4:
+        raise RuntimeError("flash_decode: k_cache must be 4-D [num_blocks, block_size, Hkv, Dk], "
+                           f"got shape {tuple(k_cache.shape)}")
+    if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise RuntimeError(f"flash_decode: k_cache must have q's dtype ({q.dtype}) or float8_e4m3fn, "
+                           f"got {k_cache.dtype}")
+    batch, num_q_heads, head_dim_k = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    torch._check(k_cache.shape[3] == head_dim_k,
+                 lambda: f"flash_decode: k_cache's head dim ({k_cache.shape[3]}) must equal q's ({head_dim_k})")
+    torch._check(num_q_heads % num_kv_heads == 0,
+                 lambda: f"flash_decode: q's head count ({num_q_heads}) must be a multiple of k_cache's KV head "
+                         f"count ({num_kv_heads})")
+    if v_cache is not None:
+        if v_cache.dim() != 4:
+            raise RuntimeError("flash_decode: v_cache must be 4-D [num_blocks, block_size, Hkv, Dv], "
+                               f"got shape {tuple(v_cache.shape)}")
+        if v_cache.dtype != k_cache.dtype:
+            raise RuntimeError(f"flash_decode: v_cache must have k_cache's dtype ({k_cache.dtype}), got {v_cache.dtype}")
+        torch._check(tuple(v_cache.shape[:3]) == (num_blocks, block_size, num_kv_heads),
+                     lambda: "flash_decode: v_cache must match k_cache in [num_blocks, block_size, Hkv] = "
+                             f"{tuple(k_cache.shape[:3])}, got {tuple(v_cache.shape)}")
+        torch._check(head_dim_v == -1 or head_dim_v == v_cache.shape[3],
+                     lambda: f"flash_decode: head_dim_v ({head_dim_v}) must be -1 or v_cache's head dim "
+                             f"({v_cache.shape[3]})")
+        dim_v = v_cache.shape[3]
+    else:
+        dim_v = head_dim_k if head_dim_v == -1 else head_dim_v
+        torch._check(1 <= dim_v <= head_dim_k,
+                     lambda: f"flash_decode: with v_cache=None (MLA), head_dim_v must be -1 or in [1, Dk={head_dim_k}], "
+                             f"got {head_dim_v}")
+        if v_scale is not None:
+            raise RuntimeError("flash_decode: v_scale must be None when v_cache is None "
+                               "(V comes from k_cache and uses k_scale)")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise RuntimeError(f"flash_decode: block_table must be 2-D [B={batch}, max_blocks], "
+                           f"got shape {tuple(block_table.shape)}")
+    if block_table.dtype != torch.int32:
+        raise RuntimeError(f"flash_decode: block_table must be int32, got {block_table.dtype}")
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != batch:
+        raise RuntimeError(f"flash_decode: seq_lens must be 1-D [B={batch}], got shape {tuple(seq_lens.shape)}")
+    if seq_lens.dtype != torch.int32:
+        raise RuntimeError(f"flash_decode: seq_lens must be int32, got {seq_lens.dtype}")
+    if not math.isfinite(softmax_scale):
+        raise RuntimeError(f"flash_decode: softmax_scale must be finite, got {softmax_scale}")
+    if num_splits < 0:
+        raise RuntimeError(f"flash_decode: num_splits must be >= 0 (0 = heuristic), got {num_splits}")
+    if k_cache.dtype == torch.float8_e4m3fn:
+        if k_scale is None:
+            raise RuntimeError("flash_decode: k_scale is required when k_cache is float8_e4m3fn")
+        if v_cache is not None and v_scale is None:
+            raise RuntimeError("flash_decode: v_scale is required when v_cache is float8_e4m3fn")
+    _check_scale(k_scale, "k_scale")
+    _check_scale(v_scale, "v_scale")
+    out = q.new_empty((batch, num_q_heads, dim_v))
+    lse = q.new_empty((batch, num_q_heads), dtype=torch.float32)
     return out, lse

@@ -65,4 +65,37 @@ HELIX_HOST_DEVICE float merge_weight(float part_lse, float total_lse) {
   return expf(part_lse - total_lse);
 }
 
+// ---------------------------------------------------------------------------------------
+// Online softmax of attention scores, tile by tile (flash-decode, CPU and CUDA alike).
+// Scores live in the log2 domain (pre-multiplied by softmax_scale * log2(e)) so that the
+// hot loop needs exp2 only. Per query row the state is (max, sum of exp2(score - max));
+// the output accumulator is rescaled by the factor online_softmax_rescale returns.
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Folds a tile whose largest (log2-domain) score is tile_max into the state: raises the
+// running max and returns alpha, the factor by which sum and accumulator must be scaled
+// (0 when nothing was seen before, 1 while every score so far is -inf).
+HELIX_HOST_DEVICE float online_softmax_rescale(SoftmaxState& state, float tile_max) {
+  const float new_max = state.max > tile_max ? state.max : tile_max;
+  if (new_max == neg_inf()) return 1.0f;
+  const float alpha = exp2f(state.max - new_max);  // exp2(-inf) = 0 for an empty state
+  state.sum *= alpha;
+  state.max = new_max;
+  return alpha;
+}
+
+// The max to subtract from scores of the current tile: the running max, or 0 while every
+// score is -inf, so that exp2(score - max) is 0 for masked scores and never NaN.
+HELIX_HOST_DEVICE float online_softmax_offset(const SoftmaxState& state) {
+  return state.max == neg_inf() ? 0.0f : state.max;
+}
+
+// Natural-log LSE of a log2-domain state: -inf when no score was finite.
+HELIX_HOST_DEVICE float online_softmax_lse(const SoftmaxState& state) {
+  if (state.max == neg_inf()) return neg_inf();
+  return (state.max + log2f(state.sum)) * kLn2;
+}
+
 }  // namespace helix

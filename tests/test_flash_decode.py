@@ -1,0 +1,322 @@
+"""helix.flash_decode against its float64 reference, on CPU and (where present) CUDA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import helix_ext
+from helix_ext.reference import flash_decode_reference
+from conftest import DEVICES
+from tolerance import assert_close_to_reference
+
+NEG_INF = float("-inf")
+FP8 = torch.float8_e4m3fn
+
+
+class Case:
+    """A paged decode-attention problem with fresh random contents (never zeros).
+
+    Blocks are dealt to sequences in a shuffled order; block_table entries past a sequence's
+    length hold ids that are out of range, which a kernel must never follow.
+    """
+
+    def __init__(self, seq_lens, num_q_heads, num_kv_heads, head_dim_k, head_dim_v=None, *, block_size=16,
+                 q_dtype=torch.bfloat16, kv_dtype=None, mla=False, device="cpu", spare_blocks=3):
+        kv_dtype = kv_dtype or q_dtype
+        head_dim_v = head_dim_v or head_dim_k
+        batch = len(seq_lens)
+        blocks_per_seq = [math.ceil(length / block_size) for length in seq_lens]
+        max_blocks = max(blocks_per_seq + [1]) + 1
+        num_blocks = sum(blocks_per_seq) + spare_blocks
+        order = torch.randperm(num_blocks)
+        table = torch.randint(num_blocks, num_blocks + 1000, (batch, max_blocks))
+        start = 0
+        for b, count in enumerate(blocks_per_seq):
+            table[b, :count] = order[start:start + count]
+            start += count
+        self.q = torch.randn(batch, num_q_heads, head_dim_k).to(q_dtype).to(device)
+        self.k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim_k).to(kv_dtype).to(device)
+        self.v_cache = None if mla else torch.randn(num_blocks, block_size, num_kv_heads, head_dim_v).to(kv_dtype).to(device)
+        self.block_table = table.to(torch.int32).to(device)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        self.softmax_scale = head_dim_k ** -0.5
+        self.head_dim_v = head_dim_v if mla else -1
+        fp8 = kv_dtype == FP8
+        self.k_scale = torch.tensor(0.5 + torch.rand(()).item(), device=device) if fp8 else None
+        self.v_scale = torch.tensor(0.5 + torch.rand(()).item(), device=device) if fp8 and not mla else None
+
+    def args(self):
+        return (self.q, self.k_cache, self.v_cache, self.block_table, self.seq_lens, self.softmax_scale,
+                self.head_dim_v, self.k_scale, self.v_scale)
+
+    def run(self, num_splits=0):
+        return helix_ext.flash_decode(*self.args(), num_splits=num_splits)
+
+    def reference(self, **kwargs):
+        cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in self.args()]
+        return flash_decode_reference(*cpu_args, **kwargs)
+
+    def check(self, num_splits=0):
+        out, lse = self.run(num_splits)
+        assert out.dtype == self.q.dtype and lse.dtype == torch.float32
+        assert out.device == self.q.device and out.is_contiguous() and lse.is_contiguous()
+        ref_out, ref_lse = self.reference(out_dtype=torch.float64)
+        # Baseline: the same attention in fp32 with probabilities rounded to q's dtype before
+        # they weight V, as a tensor-core kernel (and FlashAttention) computes it.
+        base_out, base_lse = self.reference(compute_dtype=torch.float32, probability_dtype=self.q.dtype)
+        terms = max(1, int(self.seq_lens.max()))
+        assert_close_to_reference(out, ref_out, base_out, accumulated_terms=terms, name="out")
+        assert_close_to_reference(lse, ref_lse, base_lse, accumulated_terms=terms, name="lse")
+        empty = self.seq_lens.cpu() == 0
+        assert torch.all(out[empty.to(out.device)] == 0) and torch.all(lse[empty.to(lse.device)] == NEG_INF)
+        return out, lse
+
+
+LENGTHS = [0, 1, 15, 16, 17, 100]  # with block_size 16: empty, one token, block_size - 1, +0, +1, several
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 2, 3, 5, 7, 8, 16])
+def test_gqa_groups_and_head_dims(device, head_dim, group):
+    Case(LENGTHS, num_q_heads=2 * group, num_kv_heads=2, head_dim_k=head_dim, device=device).check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_group_of_128_heads(device, num_kv_heads):
+    Case([0, 33, 130], num_q_heads=128 * num_kv_heads, num_kv_heads=num_kv_heads, head_dim_k=128,
+         device=device).check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [1, 7, 16, 64, 256])
+def test_block_sizes(device, block_size):
+    lengths = [block_size - 1, block_size, block_size + 1, 3 * block_size + 5]
+    Case(lengths, num_q_heads=8, num_kv_heads=2, head_dim_k=128, block_size=block_size, device=device).check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["kv_same", "kv_fp8"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_dtypes(device, q_dtype, fp8, head_dim):
+    Case([3, 40, 77], num_q_heads=8, num_kv_heads=2, head_dim_k=head_dim, q_dtype=q_dtype,
+         kv_dtype=FP8 if fp8 else q_dtype, device=device).check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_q_heads", [16, 128])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["kv_same", "kv_fp8"])
+def test_mla(device, num_q_heads, q_dtype, fp8):
+    Case([0, 1, 63, 64, 65, 300], num_q_heads=num_q_heads, num_kv_heads=1, head_dim_k=576, head_dim_v=512,
+         block_size=64, q_dtype=q_dtype, kv_dtype=FP8 if fp8 else q_dtype, mla=True, device=device).check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_sequences(device):
+    # Longer than one CPU chunk (2048 tokens) and many GPU tiles and splits.
+    Case([5000, 2049, 1], num_q_heads=16, num_kv_heads=2, head_dim_k=128, block_size=64, device=device).check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+def test_forced_num_splits(device, num_splits):
+    case = Case([0, 1, 300, 1000], num_q_heads=8, num_kv_heads=1, head_dim_k=128, block_size=32, device=device)
+    case.check(num_splits=num_splits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
+    # K and V as views of one fused [num_blocks, block_size, 2, Hkv, D] cache, q as a slice of a
+    # wider buffer, block_table as a column slice: strides everywhere but the head dim.
+    case = Case([20, 47], num_q_heads=6, num_kv_heads=3, head_dim_k=64, block_size=8, device=device)
+    fused = torch.stack([case.k_cache, case.v_cache], dim=2)
+    case.k_cache, case.v_cache = fused[:, :, 0], fused[:, :, 1]
+    wide_q = torch.randn(case.q.shape[0], case.q.shape[1], 72, device=device).to(case.q.dtype)
+    wide_q[..., :64] = case.q
+    case.q = wide_q[..., :64]
+    wide_table = torch.zeros(case.block_table.shape[0], case.block_table.shape[1] + 2, dtype=torch.int32,
+                             device=device)
+    wide_table[:, 1:-1] = case.block_table
+    case.block_table = wide_table[:, 1:-1]
+    assert not case.k_cache.is_contiguous() and not case.q.is_contiguous() and not case.block_table.is_contiguous()
+    case.check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kvp", [2, 3, 5, 8])
+def test_helix_sharding_reproduces_unsharded_attention(device, kvp):
+    """Deal every sequence's blocks round-robin over KVP shards (as Helix's KV cache does),
+    run flash_decode on each shard, merge_states the partials: the unsharded answer."""
+    block_size = 16
+    case = Case([0, 5, 16, 130, 400], num_q_heads=8, num_kv_heads=2, head_dim_k=128, block_size=block_size,
+                device=device)
+    lengths = case.seq_lens.cpu().tolist()
+    parts_out, parts_lse = [], []
+    for shard in range(kvp):
+        tables, shard_lengths = [], []
+        for b, length in enumerate(lengths):
+            logical = list(range(shard, math.ceil(length / block_size), kvp))
+            tokens = sum(min(block_size, length - i * block_size) for i in logical)
+            row = case.block_table[b].cpu()[logical].tolist() + [0] * (case.block_table.shape[1] - len(logical))
+            tables.append(row)
+            shard_lengths.append(tokens)
+        out, lse = helix_ext.flash_decode(case.q, case.k_cache, case.v_cache,
+                                          torch.tensor(tables, dtype=torch.int32, device=device),
+                                          torch.tensor(shard_lengths, dtype=torch.int32, device=device),
+                                          case.softmax_scale)
+        parts_out.append(out)
+        parts_lse.append(lse)
+    merged_out, merged_lse = helix_ext.merge_states(torch.stack(parts_out), torch.stack(parts_lse))
+    ref_out, ref_lse = case.reference(out_dtype=torch.float64)
+    base_out, base_lse = case.reference(compute_dtype=torch.float32, probability_dtype=case.q.dtype)
+    # Each shard rounds its output to bf16 before the merge: allow a couple more ulps.
+    assert_close_to_reference(merged_out, ref_out, base_out, ulps=4.0, accumulated_terms=400, name="merged out")
+    assert_close_to_reference(merged_lse, ref_lse, base_lse, accumulated_terms=400, name="merged lse")
+
+
+def bad_inputs(device):
+    case = Case([5, 20], num_q_heads=4, num_kv_heads=2, head_dim_k=64, block_size=8, device=device)
+    q, k, v, table, lens, scale = case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, 0.125
+    bad_table = table.clone()
+    bad_table[1, 0] = k.shape[0]
+    negative_table = table.clone()
+    negative_table[0, 0] = -1
+    too_long = lens.clone()
+    too_long[0] = table.shape[1] * k.shape[1] + 1
+    fp8_k, fp8_v = k.to(FP8), v.to(FP8)
+    one = torch.tensor(1.0, device=device)
+    return [
+        ("block id out of range", (q, k, v, bad_table, lens, scale), {}, r"block_table\[1, 0\] = \d+ is not a block id"),
+        ("negative block id", (q, k, v, negative_table, lens, scale), {}, r"block_table\[0, 0\] = -1"),
+        ("seq_len beyond its table", (q, k, v, table, too_long, scale), {}, r"seq_lens\[0\] = \d+ is outside"),
+        ("Hq not a multiple of Hkv", (q[:, :3], k, v, table, lens, scale), {}, r"multiple of k_cache's KV head count"),
+        ("head dim mismatch", (q[..., :32], k, v, table, lens, scale), {}, r"k_cache's head dim \(64\) must equal"),
+        ("v dtype mismatch", (q, k, v.half(), table, lens, scale), {}, r"v_cache must have k_cache's dtype"),
+        ("q float32", (q.float(), k, v, table, lens, scale), {}, r"q must be bfloat16 or float16"),
+        ("cache dtype mismatch", (q, k.half(), v.half(), table, lens, scale), {}, r"k_cache must have q's dtype"),
+        ("fp8 without k_scale", (q, fp8_k, fp8_v, table, lens, scale), {}, r"k_scale is required"),
+        ("fp8 without v_scale", (q, fp8_k, fp8_v, table, lens, scale), {"k_scale": one}, r"v_scale is required"),
+        ("int64 block_table", (q, k, v, table.long(), lens, scale), {}, r"block_table must be int32"),
+        ("int64 seq_lens", (q, k, v, table, lens.long(), scale), {}, r"seq_lens must be int32"),
+        ("2-D q", (q[0], k, v, table, lens, scale), {}, r"q must be 3-D"),
+        ("3-D k_cache", (q, k[0], v, table, lens, scale), {}, r"k_cache must be 4-D"),
+        ("v_cache shape", (q, k, v[:, :4], table, lens, scale), {}, r"v_cache must match k_cache"),
+        ("v_scale with MLA", (q, k, None, table, lens, scale), {"v_scale": one}, r"v_scale must be None"),
+        ("MLA head_dim_v > Dk", (q, k, None, table, lens, scale), {"head_dim_v": 65}, r"head_dim_v must be -1 or in"),
+        ("seq_lens batch", (q, k, v, table, lens[:1], scale), {}, r"seq_lens must be 1-D \[B=2\]"),
+        ("scale shape", (q, k, v, table, lens, scale), {"k_scale": torch.ones(2, device=device)},
+         r"k_scale must be a float32 tensor with one element"),
+        ("non-finite softmax_scale", (q, k, v, table, lens, float("nan")), {}, r"softmax_scale must be finite"),
+    ]
+
+
+VALUE_CHECKS = ("block id out of range", "negative block id", "seq_len beyond its table")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device, monkeypatch):
+    monkeypatch.setenv("HELIX_CHECK_INPUTS", "1")  # value checks on CUDA too
+    for label, args, kwargs, message in bad_inputs(device):
+        with pytest.raises(RuntimeError, match=message):
+            helix_ext.flash_decode(*args, **kwargs)
+        if label in VALUE_CHECKS:
+            continue  # values are not checked while tracing
+        with pytest.raises(RuntimeError, match=message), torch._subclasses.FakeTensorMode() as mode:
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake_kwargs = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            torch.ops.helix.flash_decode.default(*fake, **fake_kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mla", [False, True], ids=["gqa", "mla"])
+def test_opcheck(device, mla):
+    if mla:
+        case = Case([3, 70], num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, block_size=64,
+                    mla=True, device=device)
+    else:
+        # (Not fp8: opcheck's schema check multiplies inputs, which torch cannot do in float8.)
+        case = Case([3, 70], num_q_heads=8, num_kv_heads=2, head_dim_k=64, q_dtype=torch.float16, device=device)
+    torch.library.opcheck(torch.ops.helix.flash_decode.default, case.args())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile(device):
+    torch._dynamo.reset()
+    case = Case([3, 70], num_q_heads=8, num_kv_heads=2, head_dim_k=64, device=device)
+
+    def step(q, k_cache, v_cache, block_table, seq_lens):
+        out, lse = helix_ext.flash_decode(q, k_cache, v_cache, block_table, seq_lens, 0.125)
+        return out.float() * 2, lse
+
+    compiled = torch.compile(step, fullgraph=True)
+    inputs = (case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens)
+    torch.testing.assert_close(compiled(*inputs), step(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    case = Case([10, 300, 0], num_q_heads=16, num_kv_heads=2, head_dim_k=128, block_size=16, device="cuda")
+    static_args = list(case.args())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        helix_ext.flash_decode(*static_args)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_lse = helix_ext.flash_decode(*static_args)
+    for lengths in ([10, 300, 0], [290, 1, 77], [0, 0, 5]):
+        fresh = Case(lengths, num_q_heads=16, num_kv_heads=2, head_dim_k=128, block_size=16, device="cuda")
+        # Same shapes: copy the new contents into the captured buffers and replay.
+        for captured, new in zip(static_args, fresh.args()):
+            if isinstance(captured, torch.Tensor) and captured.shape == new.shape:
+                captured.copy_(new)
+        if static_args[1].shape != fresh.k_cache.shape:
+            continue
+        graph.replay()
+        expected_out, expected_lse = helix_ext.flash_decode(*static_args)
+        torch.testing.assert_close(static_out, expected_out, rtol=0, atol=0)
+        torch.testing.assert_close(static_lse, expected_lse, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    for mla in (False, True):
+        if mla:
+            case = Case([0, 77, 1000], num_q_heads=128, num_kv_heads=1, head_dim_k=576, head_dim_v=512,
+                        block_size=64, mla=True, device="cpu")
+        else:
+            case = Case([0, 77, 1000], num_q_heads=16, num_kv_heads=2, head_dim_k=128, device="cpu")
+        cpu_out, cpu_lse = case.run()
+        cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in case.args()]
+        cuda_out, cuda_lse = helix_ext.flash_decode(*cuda_args)
+        torch.testing.assert_close(cuda_out.cpu(), cpu_out, rtol=2 ** -6, atol=2 ** -8)
+        torch.testing.assert_close(cuda_lse.cpu(), cpu_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cache_beyond_2_pow_31_elements_and_a_million_token_shard():
+    # k_cache and v_cache of 2**31 + elements each (4 GiB of bf16), one sequence of 2**20
+    # tokens whose last blocks sit at the far end of the cache: 64-bit offsets throughout.
+    block_size, num_kv_heads, head_dim = 256, 8, 128
+    num_blocks = (2 ** 31) // (block_size * num_kv_heads * head_dim) + 64
+    k_cache = torch.empty(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.bfloat16, device="cuda").normal_()
+    v_cache = torch.empty_like(k_cache).normal_()
+    tokens = 2 ** 20
+    blocks = tokens // block_size
+    table = torch.arange(num_blocks - blocks, num_blocks, dtype=torch.int32, device="cuda").flip(0).unsqueeze(0)
+    q = torch.randn(1, 16, head_dim, dtype=torch.bfloat16, device="cuda")
+    lens = torch.tensor([tokens], dtype=torch.int32, device="cuda")
+    out, lse = helix_ext.flash_decode(q, k_cache, v_cache, table, lens, head_dim ** -0.5)
+    # Reference on the GPU in float32 (the float64 one would need 2**20 x 16 x 128 x 8 bytes twice).
+    ref_out, ref_lse = flash_decode_reference(q, k_cache, v_cache, table, lens, head_dim ** -0.5,
+                                              compute_dtype=torch.float32, out_dtype=torch.float32)
+    torch.testing.assert_close(out.float(), ref_out, rtol=2 ** -6, atol=2e-3)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-3)
