@@ -6,10 +6,15 @@
 // partial LSEs: those loads are warp-broadcast L1 hits and two expf per part are far
 // cheaper than a cross-warp reduction, so rows of any width need no shared memory.
 // Parts are consumed PARTS_IN_FLIGHT at a time so that many 16-byte loads are
-// outstanding per thread before the first FMA.
+// outstanding per thread before the first FMA. Parts are read as InT and the merge is
+// written as OutT (merge_states: both the op's dtype; flash_decode's split merge: fp32 in,
+// q's dtype out).
 #pragma once
 
+#include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <algorithm>
 
 #include "helix/softmax_merge.h"
 #include "helix/vec.cuh"
@@ -32,13 +37,12 @@ struct MergeStatesParams {
 constexpr int kMergeStatesThreads = 256;
 constexpr int kMergeStatesPartsInFlight = 8;
 
-template <typename T, int VEC>
+template <typename InT, typename OutT, int VEC>
 __global__ void __launch_bounds__(kMergeStatesThreads)
     merge_states_kernel(const MergeStatesParams params) {
-  using Traits = ElementTraits<T>;
-  const T* __restrict__ parts_out = static_cast<const T*>(params.parts_out);
+  const InT* __restrict__ parts_out = static_cast<const InT*>(params.parts_out);
   const float* __restrict__ parts_lse = params.parts_lse;
-  T* __restrict__ out = static_cast<T*>(params.out);
+  OutT* __restrict__ out = static_cast<OutT*>(params.out);
 
   const int64_t vectors_per_row = params.head_dim / VEC;
   const int64_t total_vectors = params.num_rows * vectors_per_row;
@@ -53,7 +57,7 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
 
     const float* row_lse =
         parts_lse + batch * params.lse_stride_batch + head * params.lse_stride_head;
-    const T* row_out = parts_out + batch * params.out_stride_batch +
+    const InT* row_out = parts_out + batch * params.out_stride_batch +
                        head * params.out_stride_head + element * params.out_stride_dim;
     const int64_t lse_stride_part = params.lse_stride_part;
     const int64_t out_stride_part = params.out_stride_part;
@@ -68,7 +72,7 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
     for (int first_part = 0; first_part < params.num_parts;
          first_part += kMergeStatesPartsInFlight) {
       float weights[kMergeStatesPartsInFlight];
-      ElementVector<T, VEC> values[kMergeStatesPartsInFlight];
+      ElementVector<InT, VEC> values[kMergeStatesPartsInFlight];
 #pragma unroll
       for (int j = 0; j < kMergeStatesPartsInFlight; ++j) {
         const int part = first_part + j;
@@ -80,7 +84,7 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
       for (int j = 0; j < kMergeStatesPartsInFlight; ++j) {
         // Absent parts (weight 0) are neither read nor added: their contents may be garbage.
         if (weights[j] != 0.0f) {
-          values[j] = load_streaming<T, VEC>(row_out + (first_part + j) * out_stride_part);
+          values[j] = load_streaming<InT, VEC>(row_out + (first_part + j) * out_stride_part);
         }
       }
 #pragma unroll
@@ -88,18 +92,44 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
         if (weights[j] != 0.0f) {
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
-            accumulator[i] += weights[j] * Traits::to_float(values[j].elements[i]);
+            accumulator[i] += weights[j] * ElementTraits<InT>::to_float(values[j].elements[i]);
           }
         }
       }
     }
 
-    ElementVector<T, VEC> result;
+    ElementVector<OutT, VEC> result;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) result.elements[i] = Traits::from_float(accumulator[i]);
-    store_vector<T, VEC>(out + row * params.head_dim + element, result);
+    for (int i = 0; i < VEC; ++i) result.elements[i] = ElementTraits<OutT>::from_float(accumulator[i]);
+    store_vector<OutT, VEC>(out + row * params.head_dim + element, result);
     if (element == 0) params.out_lse[row] = total_lse;
   }
+}
+
+inline bool is_aligned(const void* pointer, int bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
+}
+
+// Launches the merge on a stream, 16-byte loads when every (p, b, h) row allows them.
+// Returns the launch's error code; callers check it.
+template <typename InT, typename OutT>
+cudaError_t launch_merge_states(const MergeStatesParams& params, int multiprocessor_count, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(InT);
+  const bool vectorizable = params.out_stride_dim == 1 && params.head_dim % kVec == 0 &&
+                            params.out_stride_part % kVec == 0 && params.out_stride_batch % kVec == 0 &&
+                            params.out_stride_head % kVec == 0 && is_aligned(params.parts_out, 16) &&
+                            is_aligned(params.out, kVec * sizeof(OutT));
+  const int vec = vectorizable ? kVec : 1;
+  const int64_t total_threads = params.num_rows * (params.head_dim / vec);
+  const int64_t blocks_needed = (total_threads + kMergeStatesThreads - 1) / kMergeStatesThreads;
+  // The kernel is grid-stride, so very large problems reuse a bounded grid.
+  const int blocks = static_cast<int>(std::min<int64_t>(blocks_needed, int64_t{multiprocessor_count} * 64));
+  if (vectorizable) {
+    merge_states_kernel<InT, OutT, kVec><<<blocks, kMergeStatesThreads, 0, stream>>>(params);
+  } else {
+    merge_states_kernel<InT, OutT, 1><<<blocks, kMergeStatesThreads, 0, stream>>>(params);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace helix
