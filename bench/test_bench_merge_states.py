@@ -12,7 +12,7 @@ from bench.cases import merge_states_case
 def test_merge_states(benchmark, bench_device, synchronized, impl):
     batch = 64 if bench_device == "cuda" else 8
     case = merge_states_case(8, batch, 128, 512, torch.bfloat16, bench_device)
-    fn = case.run if impl == "helix" else case.peer
+    fn = case.run if impl == "helix" else case.peers[0][1]
     benchmark.extra_info.update(shape=case.shape, bytes_moved=case.bytes_moved)
     result = benchmark(synchronized(fn))
     assert result[0].shape == (batch, 128, 512)

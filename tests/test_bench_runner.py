@@ -22,7 +22,13 @@ def test_runner_writes_the_result_json(tmp_path):
     assert set(report) == TOP_KEYS
     assert report["gpu"] is None and report["driver"] is None and report["copy_bandwidth_gbs"] > 0
     ops = {entry["op"] for entry in report["results"]}
-    assert "merge_states" in ops
+    assert {"merge_states", "flash_decode"} <= ops
     for entry in report["results"]:
         assert set(entry) == RESULT_KEYS
-        assert entry["median_us"] > 0 and entry["achieved_gbs"] > 0 and entry["speedup_vs_peer"] > 0
+        assert entry["median_us"] > 0 and entry["achieved_gbs"] > 0
+        # A shape no peer can run (MLA on the CPU) has no peer fields; otherwise all of them.
+        if entry["peer"] is None:
+            assert entry["peer_median_us"] is None and entry["speedup_vs_peer"] is None
+        else:
+            assert entry["peer_median_us"] > 0 and entry["speedup_vs_peer"] > 0
+    assert any(entry["peer"] for entry in report["results"] if entry["op"] == "flash_decode")
