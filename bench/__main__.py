@@ -114,7 +114,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{'speedup':>8}  peer")
     print(header)
     print("-" * len(header))
+    slug = re.sub(r"[^a-z0-9]+", "-", (name or "cpu").lower()).strip("-")
+    stem = f"{slug}-{datetime.date.today().strftime('%Y%m%d')}-{report['commit']}" + ("-smoke" if mode == "smoke" else "")
+    targets = ([] if args.no_save else [RESULTS]) + ([args.out_dir] if args.out_dir else [])
     cross_checks, cross_checked_ops = [], set()
+
+    def save() -> None:  # after every shape, so a run cut off by a time limit still reports
+        for directory in targets:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+            if cross_checks:
+                (directory / f"{stem}.crosscheck.json").write_text(json.dumps(cross_checks, indent=2) + "\n")
+
     for case in cases(device, mode):
         median = timer.median_us(case.run)
         achieved = case.bytes_moved / median / 1e3
@@ -147,18 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                 cross_checks.append(check)
                 print(f"  cross-check (cupy) {case.op} {case.shape}: {check['cupy_median_us']:.1f} us median")
         del case
-
-    slug = re.sub(r"[^a-z0-9]+", "-", (name or "cpu").lower()).strip("-")
-    stem = f"{slug}-{datetime.date.today().strftime('%Y%m%d')}-{report['commit']}"
-    if mode == "smoke":
-        stem += "-smoke"
-    targets = ([] if args.no_save else [RESULTS]) + ([args.out_dir] if args.out_dir else [])
+        save()
     for directory in targets:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        if cross_checks:
-            (directory / f"{stem}.crosscheck.json").write_text(json.dumps(cross_checks, indent=2) + "\n")
         print(f"wrote {directory / (stem + '.json')}")
+
     return 0
 
 
