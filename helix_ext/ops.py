@@ -98,7 +98,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
         head_dim_v: Dv for MLA (-1: Dk, or v_cache's head dim when v_cache is given).
         k_scale, v_scale: float32 one-element tensors, per-tensor dequantization multipliers
             (required for float8 caches; v_scale must be None for MLA).
-        num_splits: KV splits per sequence inside one GPU (0 = choose from the device's SM
+        num_splits: KV splits per sequence inside one GPU, at most 4096 (0 = choose from the device's SM
             count, B * Hkv and the cache capacity; the actual lengths are split evenly on the
             device). Ignored on the CPU, which chooses its own chunks.
 

@@ -20,6 +20,9 @@ namespace {
 
 enum class HeadDims { kD64, kD128, kD256, kMla };
 
+// More splits than this only add empty CTAs and workspace (the heuristic stays at <= 256).
+constexpr int64_t kMaxSplits = 4096;
+
 HeadDims select_head_dims(const FlashDecodeShape& shape) {
   const auto dims = std::make_pair(shape.head_dim_k, shape.head_dim_v);
   if (shape.mla && dims == std::make_pair<int64_t, int64_t>(576, 512)) return HeadDims::kMla;
@@ -55,8 +58,9 @@ const FlashDecodeKernelInfo& kernel_info(HeadDims dims, bool bf16, bool fp8, int
   if (found == cache.end()) {
     FlashDecodeKernelInfo info{};
     C10_CUDA_CHECK(variant.prepare(device, &info));
-    TORCH_CHECK(info.ctas_per_sm >= 1, "flash_decode: the kernel for these head dims needs ", info.smem_bytes,
-                " bytes of shared memory per block, more than this GPU offers");
+    TORCH_CHECK(info.ctas_per_sm >= 1, "flash_decode: the CUDA kernel for these head dims needs ", info.smem_bytes,
+                " bytes of shared memory per block, more than this GPU offers (it is built for Hopper and "
+                "Blackwell, 227 KB)");
     found = cache.emplace(key, info).first;
   }
   return found->second;
@@ -95,8 +99,11 @@ std::tuple<at::Tensor, at::Tensor> flash_decode_cuda(const at::Tensor& q, const 
   if (check_inputs_on_device()) check_flash_decode_values(block_table, seq_lens, shape);
   const HeadDims dims = select_head_dims(shape);
   const int64_t capacity = shape.max_blocks_per_seq * shape.block_size;
-  TORCH_CHECK(capacity < (int64_t{1} << 31), "flash_decode: block_table holds ", shape.max_blocks_per_seq,
-              " blocks of ", shape.block_size, " tokens per sequence; the CUDA kernel needs fewer than 2^31 tokens");
+  // Token positions are 32-bit in the kernel; keep a tile of headroom below 2^31.
+  TORCH_CHECK(capacity <= INT32_MAX - 1024, "flash_decode: block_table holds ", shape.max_blocks_per_seq,
+              " blocks of ", shape.block_size, " tokens per sequence; the CUDA kernel takes at most 2^31 - 1025");
+  TORCH_CHECK(num_splits <= kMaxSplits, "flash_decode: num_splits must be at most ", kMaxSplits, ", got ",
+              num_splits);
   TORCH_CHECK(shape.batch <= 65535 && shape.num_kv_heads <= 65535,
               "flash_decode: the CUDA kernel takes at most 65535 sequences and 65535 KV heads, got B = ", shape.batch,
               " and Hkv = ", shape.num_kv_heads);

@@ -19,7 +19,7 @@ struct FlashDecodeKernelInfo {
 };
 
 struct FlashDecodeVariant {
-  // Raises the kernel's dynamic shared-memory limit on `device` (once) and reports occupancy.
+  // Raises the kernel's dynamic shared-memory limit on `device` and reports its occupancy.
   cudaError_t (*prepare)(int device, FlashDecodeKernelInfo* info);
   cudaError_t (*launch)(const FlashDecodeParams& params, const FlashDecodeKernelInfo& info, cudaStream_t stream);
 };
@@ -34,19 +34,17 @@ FlashDecodeVariant flash_decode_variant_mla(bool bf16, bool fp8);
 
 template <typename Config, typename T, bool FP8>
 struct FlashDecodeInstance {
+  // ctas_per_sm = 0 reports a GPU whose shared memory per block is too small for this kernel.
   static cudaError_t prepare(int device, FlashDecodeKernelInfo* info) {
     constexpr size_t smem = Config::smem_bytes(FP8);
     const auto kernel = flash_decode_kernel<Config, T, FP8>;
-    // Done on every call: cheap, per device, and idempotent (no static state to race on).
-    cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(smem));
+    *info = {Config::kHeadsPerCta, Config::kTile, Config::kThreads, smem, 0};
+    int limit = 0;
+    cudaError_t status = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (status != cudaSuccess || smem > static_cast<size_t>(limit)) return status;
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (status != cudaSuccess) return status;
-    int ctas_per_sm = 0;
-    status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, Config::kThreads, smem);
-    if (status != cudaSuccess) return status;
-    *info = {Config::kHeadsPerCta, Config::kTile, Config::kThreads, smem, ctas_per_sm};
-    (void)device;
-    return cudaSuccess;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info->ctas_per_sm, kernel, Config::kThreads, smem);
   }
 
   static cudaError_t launch(const FlashDecodeParams& params, const FlashDecodeKernelInfo& info, cudaStream_t stream) {

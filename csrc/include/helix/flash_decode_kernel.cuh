@@ -141,13 +141,15 @@ __global__ void __launch_bounds__(Config::kThreads)
   // This split's token range: the sequence's actual length is split evenly in whole tiles.
   // Token positions fit in 32 bits (the launcher checks max_blocks * block_size < 2^31), so
   // the per-row block lookups divide in 32 bits; element offsets are 64-bit throughout.
-  const int capacity = params.max_blocks_per_seq * params.block_size;
+  // (An empty cache holds no valid block, so nothing is read from it whatever seq_lens says.)
+  const int capacity = params.num_blocks > 0 ? params.max_blocks_per_seq * params.block_size : 0;
   const int length = detail::clamp_length(params.seq_lens[batch * params.seq_lens_stride], capacity);
-  const int tiles_total = (length + TILE - 1) / TILE;
-  const int tiles_per_split = (tiles_total + params.num_splits - 1) / params.num_splits;
+  const int64_t tiles_total = (int64_t{length} + TILE - 1) / TILE;
+  const int64_t tiles_per_split = (tiles_total + params.num_splits - 1) / params.num_splits;
   const int64_t begin64 = int64_t{split} * tiles_per_split * TILE;
   const int begin = begin64 < length ? static_cast<int>(begin64) : length;
-  const int end = begin + tiles_per_split * TILE < length ? begin + tiles_per_split * TILE : length;
+  const int end = begin64 + tiles_per_split * TILE < length ? static_cast<int>(begin64 + tiles_per_split * TILE)
+                                                             : length;
   const int first_head_in_group = head_tile * HEADS;
   const int heads_here = params.group_size - first_head_in_group < HEADS ? params.group_size - first_head_in_group
                                                                            : HEADS;
