@@ -23,6 +23,13 @@ TORCH_LIBRARY(helix, m) {
       "float softmax_scale, int head_dim_v=-1, Tensor? k_scale=None, Tensor? v_scale=None, "
       "int num_splits=0) -> (Tensor out, Tensor lse)",
       {at::Tag::pt2_compliant_tag});
+  m.def("quantize_fp4(Tensor x, str fmt, Tensor? global_scale=None) -> (Tensor packed, Tensor block_scales, "
+        "Tensor global_scale)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("dequantize_fp4(Tensor packed, Tensor block_scales, Tensor global_scale, str fmt, ScalarType dtype) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("fp4_grouped_gemm(Tensor x, Tensor w, Tensor w_scales, Tensor w_global_scale, Tensor offs, str fmt) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 namespace {

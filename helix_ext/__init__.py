@@ -9,7 +9,8 @@ import torch  # noqa: F401  (the native library links against libtorch: load it 
 
 from helix_ext import _C  # noqa: F401  (registers torch.ops.helix.*)
 from helix_ext._build_info import build_info
-from helix_ext.ops import flash_decode, merge_states
+from helix_ext.ops import dequantize_fp4, flash_decode, fp4_grouped_gemm, merge_states, quantize_fp4
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "flash_decode", "merge_states", "__version__"]
+__all__ = ["build_info", "dequantize_fp4", "flash_decode", "fp4_grouped_gemm", "merge_states", "quantize_fp4",
+           "__version__"]

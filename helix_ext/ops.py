@@ -185,3 +185,150 @@ def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
     out = q.new_empty((batch, num_q_heads, dim_v))
     lse = q.new_empty((batch, num_q_heads), dtype=torch.float32)
     return out, lse
+
+
+_FP4_BLOCK = {"nvfp4": 16, "mxfp4": 32}
+_FP4_SCALE_DTYPE = {"nvfp4": torch.float8_e4m3fn, "mxfp4": torch.uint8}
+
+
+def _fp4_format(op: str, fmt: str) -> int:
+    if fmt not in _FP4_BLOCK:
+        raise RuntimeError(f'{op}: fmt must be "nvfp4" or "mxfp4", got "{fmt}"')
+    return _FP4_BLOCK[fmt]
+
+
+def quantize_fp4(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None):
+    """Quantize a matrix to FP4 (E2M1 codes) with NVFP4 or MXFP4 block scales.
+
+    Rounding is to nearest, ties to even, saturating at +-6; two codes per byte (element 2i
+    in the low nibble). NVFP4: one E4M3 scale per 16 elements,
+    ``s = e4m3(clamp((block_amax / 6) / global_scale, 2**-9, 448))``, and one fp32
+    ``global_scale`` that is a decode **multiplier**: ``x ~= e2m1(q) * float(s) * global_scale``
+    (some libraries pass its reciprocal, ``448 * 6 / amax``; this op does not). By default
+    ``global_scale = amax / (6 * 448)`` (1.0 when x is all zeros); pass one (a float32
+    one-element tensor, e.g. from calibration) to use it instead. MXFP4 (OCP MX v1.0): one
+    E8M0 scale per 32 elements, ``2**(floor(log2(block_amax)) - 2)``, no global scale
+    (1.0 is returned). No NaN comes out of all-zero blocks or huge values; NaN inputs
+    quantize to 0. The CPU and CUDA kernels give identical bits.
+
+    Args:
+        x: ``[M, K]`` bfloat16, float16 or float32; K a multiple of 16 (nvfp4) or 32 (mxfp4).
+        fmt: ``"nvfp4"`` or ``"mxfp4"``.
+        global_scale: nvfp4 only: the decode multiplier to use (finite, > 0).
+
+    Returns:
+        ``(packed [M, K/2] uint8, block_scales, global_scale [] float32)`` with block_scales
+        ``[M, K/16]`` float8_e4m3fn (nvfp4) or ``[M, K/32]`` uint8 E8M0 codes (mxfp4).
+    """
+    _require_device_kernel("quantize_fp4", x)
+    return torch.ops.helix.quantize_fp4.default(x, fmt, global_scale)
+
+
+def dequantize_fp4(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor, fmt: str,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of ``quantize_fp4``: ``e2m1(q) * (float(s) * global_scale)`` for nvfp4,
+    ``e2m1(q) * 2**(e - 127)`` for mxfp4, computed in fp32 and returned as ``[M, K]`` in
+    ``dtype`` (bfloat16, float16 or float32). CPU and CUDA give identical bits."""
+    _require_device_kernel("dequantize_fp4", packed)
+    return torch.ops.helix.dequantize_fp4.default(packed, block_scales, global_scale, fmt, dtype)
+
+
+def fp4_grouped_gemm(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, w_global_scale: torch.Tensor,
+                     offs: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Grouped GEMM with FP4 weights: ``y[rows of e] = x[rows of e] @ dequant(w[e]).T``.
+
+    The groups are given like ``torch._grouped_mm``'s ``offs``: cumulative **end** offsets,
+    group e owning rows ``offs[e-1]:offs[e]`` (``0:offs[0]`` for e = 0); equal neighbours are
+    empty groups; rows past ``offs[-1]`` come out zero. One launch serves every group (E from
+    1, a dense FFN shard, to 256 experts) with no host sync on ``offs``, so the op can be
+    captured in a CUDA graph; offs values are checked on CPU and, with
+    ``HELIX_CHECK_INPUTS=1``, on CUDA. Block scales apply per K block, the per-expert global
+    scale once on the output; accumulation is fp32.
+
+    Args:
+        x: ``[T, K]`` bfloat16, rows sorted by group.
+        w: ``[E, N, K/2]`` uint8 packed FP4 weights (as ``quantize_fp4`` makes them, per expert).
+        w_scales: ``[E, N, K/16]`` float8_e4m3fn (nvfp4) or ``[E, N, K/32]`` uint8 (mxfp4).
+        w_global_scale: ``[E]`` float32 decode multipliers (1.0 for mxfp4).
+        offs: ``[E]`` int32 cumulative end offsets, non-decreasing, ``offs[-1] <= T``.
+        fmt: ``"nvfp4"`` or ``"mxfp4"``.
+
+    Returns:
+        ``y`` ``[T, N]`` bfloat16.
+    """
+    _require_device_kernel("fp4_grouped_gemm", x)
+    return torch.ops.helix.fp4_grouped_gemm.default(x, w, w_scales, w_global_scale, offs, fmt)
+
+
+@torch.library.register_fake("helix::quantize_fp4")
+def _quantize_fp4_fake(x, fmt, global_scale=None):
+    block = _fp4_format("quantize_fp4", fmt)
+    if x.dim() != 2:
+        raise RuntimeError(f"quantize_fp4: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise RuntimeError(f"quantize_fp4: x must be bfloat16, float16 or float32, got {x.dtype}")
+    rows, cols = x.shape
+    torch._check(cols % block == 0, lambda: f"quantize_fp4: x's K ({cols}) must be a multiple of the {fmt} block ({block})")
+    if global_scale is not None:
+        if fmt != "nvfp4":
+            raise RuntimeError("quantize_fp4: global_scale applies to nvfp4 only (mxfp4 has none)")
+        if global_scale.dtype != torch.float32 or global_scale.numel() != 1:
+            raise RuntimeError("quantize_fp4: global_scale must be a float32 tensor with one element, "
+                               f"got {global_scale.dtype} with shape {tuple(global_scale.shape)}")
+    packed = x.new_empty((rows, cols // 2), dtype=torch.uint8)
+    scales = x.new_empty((rows, cols // block), dtype=_FP4_SCALE_DTYPE[fmt])
+    return packed, scales, x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("helix::dequantize_fp4")
+def _dequantize_fp4_fake(packed, block_scales, global_scale, fmt, dtype):
+    block = _fp4_format("dequantize_fp4", fmt)
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise RuntimeError("dequantize_fp4: packed must be a 2-D uint8 tensor [M, K/2], "
+                           f"got {packed.dtype} with shape {tuple(packed.shape)}")
+    rows, half = packed.shape
+    torch._check((2 * half) % block == 0,
+                 lambda: f"dequantize_fp4: packed's K ({2 * half}) must be a multiple of the {fmt} block ({block})")
+    if block_scales.dtype != _FP4_SCALE_DTYPE[fmt]:
+        raise RuntimeError(f"dequantize_fp4: block_scales must be {_FP4_SCALE_DTYPE[fmt]} for {fmt}, "
+                           f"got {block_scales.dtype}")
+    torch._check(block_scales.dim() == 2 and block_scales.shape[0] == rows and
+                 block_scales.shape[1] == 2 * half // block,
+                 lambda: f"dequantize_fp4: block_scales must be [M, K/{block}], got {tuple(block_scales.shape)}")
+    if global_scale.dtype != torch.float32 or global_scale.numel() != 1:
+        raise RuntimeError("dequantize_fp4: global_scale must be a float32 tensor with one element")
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise RuntimeError(f"dequantize_fp4: dtype must be bfloat16, float16 or float32, got {dtype}")
+    return packed.new_empty((rows, 2 * half), dtype=dtype)
+
+
+@torch.library.register_fake("helix::fp4_grouped_gemm")
+def _fp4_grouped_gemm_fake(x, w, w_scales, w_global_scale, offs, fmt):
+    block = _fp4_format("fp4_grouped_gemm", fmt)
+    if x.dim() != 2 or x.dtype != torch.bfloat16:
+        raise RuntimeError("fp4_grouped_gemm: x must be a 2-D bfloat16 tensor [T, K], "
+                           f"got {x.dtype} with shape {tuple(x.shape)}")
+    tokens, cols = x.shape
+    torch._check(cols % block == 0, lambda: f"fp4_grouped_gemm: x's K ({cols}) must be a multiple of the {fmt} "
+                                            f"block ({block})")
+    if w.dim() != 3 or w.dtype != torch.uint8:
+        raise RuntimeError("fp4_grouped_gemm: w must be a 3-D uint8 tensor [E, N, K/2], "
+                           f"got {w.dtype} with shape {tuple(w.shape)}")
+    num_experts, n, half = w.shape
+    torch._check(half * 2 == cols, lambda: f"fp4_grouped_gemm: w's last dim ({half}) must be K/2 = {cols // 2}")
+    if w_scales.dtype != _FP4_SCALE_DTYPE[fmt]:
+        raise RuntimeError(f"fp4_grouped_gemm: w_scales must be {_FP4_SCALE_DTYPE[fmt]} for {fmt}, got {w_scales.dtype}")
+    torch._check(tuple(w_scales.shape) == (num_experts, n, cols // block),
+                 lambda: f"fp4_grouped_gemm: w_scales must be [E, N, K/{block}] = "
+                         f"[{num_experts}, {n}, {cols // block}], got {tuple(w_scales.shape)}")
+    if w_global_scale.dtype != torch.float32 or w_global_scale.dim() != 1:
+        raise RuntimeError("fp4_grouped_gemm: w_global_scale must be a float32 tensor [E]")
+    torch._check(w_global_scale.shape[0] == num_experts,
+                 lambda: f"fp4_grouped_gemm: w_global_scale must be a float32 tensor [E] = [{num_experts}]")
+    if offs.dim() != 1 or offs.dtype != torch.int32:
+        raise RuntimeError(f"fp4_grouped_gemm: offs must be an int32 tensor [E] = [{num_experts}] of cumulative "
+                           "group end offsets")
+    torch._check(offs.shape[0] == num_experts,
+                 lambda: f"fp4_grouped_gemm: offs must be an int32 tensor [E] = [{num_experts}] of cumulative "
+                         "group end offsets")
+    return x.new_empty((tokens, n))

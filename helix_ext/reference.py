@@ -85,3 +85,119 @@ def flash_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out_dtype = q.dtype if out_dtype is None else out_dtype
     lse_dtype = compute_dtype if out_dtype == compute_dtype else torch.float32
     return out.to(out_dtype), lse.to(lse_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# FP4 (E2M1) formats: NVFP4 (E4M3 scale per 16 elements + fp32 global multiplier) and
+# MXFP4 (E8M0 scale per 32 elements). Written independently of the C++ codec: rounding is
+# "nearest grid point, ties to the even code" by explicit search, not by thresholds.
+
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+FP4_BLOCK = {"nvfp4": 16, "mxfp4": 32}
+
+
+def _fp4_block(fmt: str) -> int:
+    if fmt not in FP4_BLOCK:
+        raise ValueError(f"fmt must be 'nvfp4' or 'mxfp4', got {fmt!r}")
+    return FP4_BLOCK[fmt]
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of 4-bit codes (uint8 tensor, low nibble used)."""
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=codes.device)
+    codes = codes.long()
+    magnitude = grid[codes & 7]
+    return torch.where((codes & 8) != 0, -magnitude, magnitude)
+
+
+def e2m1_encode(values: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 code (uint8) of each float32 value: ties to the even code, saturation
+    at +-6, NaN -> 0, values rounding to zero -> +0."""
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float64, device=values.device)
+    magnitude = values.double().abs().nan_to_num(nan=0.0).clamp(max=6.0)
+    distance = (magnitude.unsqueeze(-1) - grid).abs()
+    nearest = distance == distance.min(dim=-1, keepdim=True).values
+    even = (torch.arange(8, device=values.device) % 2 == 0)
+    # Among the (at most two, adjacent) nearest codes prefer the even one.
+    code = torch.argmax(nearest.int() * torch.where(even, 2, 1), dim=-1)
+    negative = (values < 0) & (code != 0)
+    return (code | torch.where(negative, 8, 0)).to(torch.uint8)
+
+
+def fp4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """[M, K/2] uint8 -> [M, K] codes: element 2i from the low nibble, 2i+1 from the high."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def fp4_pack(codes: torch.Tensor) -> torch.Tensor:
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+
+
+def mxfp4_scale_values(codes: torch.Tensor) -> torch.Tensor:
+    """2^(code - 127) in float32 (code 0 is 2^-127, an fp32 subnormal)."""
+    return torch.ldexp(torch.ones_like(codes, dtype=torch.float64), codes.long() - 127).float()
+
+
+def _block_multipliers(block_scales: torch.Tensor, global_scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "nvfp4":
+        return block_scales.float() * global_scale.float().reshape(())
+    return mxfp4_scale_values(block_scales)
+
+
+def quantize_fp4_reference(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None):
+    """Reference of ``helix.quantize_fp4``: ``(packed [M, K/2] uint8, block_scales, global_scale [])``."""
+    block = _fp4_block(fmt)
+    rows, cols = x.shape
+    values = x.float()
+    blocks = values.view(rows, cols // block, block)
+    block_amax = blocks.abs().nan_to_num(nan=0.0).amax(dim=-1)
+    if fmt == "nvfp4":
+        if global_scale is None:
+            amax = values.abs().nan_to_num(nan=0.0).max() if values.numel() else torch.tensor(0.0)
+            global_value = amax / (6.0 * 448.0) if amax > 0 else torch.tensor(1.0)
+        else:
+            global_value = global_scale.float().reshape(())
+        global_value = global_value.float().to(x.device)
+        scales = ((block_amax / 6.0) / global_value).nan_to_num(nan=0.0).clamp(2.0 ** -9, 448.0)
+        scale_codes = scales.to(torch.float8_e4m3fn)
+        divisors = scale_codes.float() * global_value
+    else:
+        _, exponent = torch.frexp(block_amax)  # block_amax = m * 2^exponent, m in [0.5, 1)
+        exponent = torch.where(block_amax > 0, exponent - 1 - 2, torch.full_like(exponent, -127)).clamp(-127, 127)
+        scale_codes = (exponent + 127).to(torch.uint8)
+        divisors = mxfp4_scale_values(scale_codes)
+        global_value = torch.tensor(1.0, device=x.device)
+    codes = e2m1_encode(blocks / divisors.unsqueeze(-1)).view(rows, cols)
+    return fp4_pack(codes), scale_codes, global_value.reshape(()).clone()
+
+
+def dequantize_fp4_reference(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                             fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference of ``helix.dequantize_fp4``: ``e2m1(q) * (float(s) * global)`` (NVFP4) or
+    ``e2m1(q) * 2^e`` (MXFP4), in fp32, returned in ``dtype``."""
+    block = _fp4_block(fmt)
+    values = e2m1_decode(fp4_unpack(packed))
+    multipliers = _block_multipliers(block_scales, global_scale, fmt).repeat_interleave(block, dim=-1)
+    return (values * multipliers).to(dtype)
+
+
+def fp4_grouped_gemm_reference(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
+                               w_global_scale: torch.Tensor, offs: torch.Tensor, fmt: str, *,
+                               compute_dtype: torch.dtype = torch.float64,
+                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reference of ``helix.fp4_grouped_gemm``: ``y[rows of e] = x[rows of e] @ dequant(w[e]).T``
+    with group e's rows ``offs[e-1]:offs[e]`` (``torch._grouped_mm``'s end offsets); the
+    per-expert global scale multiplies the output; rows past ``offs[-1]`` are zero."""
+    tokens, _ = x.shape
+    num_experts, n, _ = w.shape
+    y = torch.zeros(tokens, n, dtype=compute_dtype, device=x.device)
+    ends = offs.tolist()
+    begin = 0
+    for e in range(num_experts):
+        end = ends[e]
+        if end > begin:
+            weights = dequantize_fp4_reference(w[e], w_scales[e], torch.tensor(1.0, device=w.device), fmt)
+            y[begin:end] = (x[begin:end].to(compute_dtype) @ weights.to(compute_dtype).T) * \
+                w_global_scale[e].to(compute_dtype)
+        begin = end
+    return y.to(x.dtype if out_dtype is None else out_dtype)

@@ -1,0 +1,170 @@
+// FP4 ops on the CPU: NVFP4/MXFP4 quantize and dequantize with the codec of helix/fp4.h
+// (the CUDA kernels' own, so both produce identical bits), and the grouped GEMM
+// y[rows of e] = x[rows of e] @ dequant(w[e]).T * global[e], fp32 accumulation.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fp4_args.h"
+#include "helix/fp4.h"
+
+namespace helix {
+namespace {
+
+template <typename T>
+float amax_of(const at::Tensor& x) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const T* data = x.const_data_ptr<T>();
+  std::vector<float> partial(std::max<int64_t>(1, at::get_num_threads()), 0.0f);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    float local = 0.0f;
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = data + r * x.stride(0);
+      for (int64_t c = 0; c < cols; ++c) local = max_ignoring_nan(local, absolute(static_cast<float>(row[c * x.stride(1)])));
+    }
+    float& slot = partial[at::get_thread_num()];
+    slot = max_ignoring_nan(slot, local);
+  });
+  float amax = 0.0f;
+  for (float value : partial) amax = max_ignoring_nan(amax, value);
+  return amax;
+}
+
+template <typename T, int BLOCK>
+void quantize_rows(const at::Tensor& x, bool nvfp4, float global_scale, uint8_t* packed, uint8_t* scales) {
+  const int64_t rows = x.size(0), cols = x.size(1), blocks = cols / BLOCK;
+  const T* data = x.const_data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    float values[BLOCK];
+    uint8_t bytes[BLOCK / 2];
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int i = 0; i < BLOCK; ++i) values[i] = static_cast<float>(data[r * x.stride(0) + (b * BLOCK + i) * x.stride(1)]);
+        scales[r * blocks + b] = quantize_fp4_block<BLOCK>(values, nvfp4, global_scale, bytes);
+        std::copy(bytes, bytes + BLOCK / 2, packed + r * (cols / 2) + b * (BLOCK / 2));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor& x, c10::string_view fmt,
+                                                                const std::optional<at::Tensor>& global_scale) {
+  const Fp4Format format = check_quantize_fp4_args(x, fmt, global_scale);
+  TORCH_CHECK(x.device().is_cpu(), "quantize_fp4: x must be a CPU tensor here, got ", x.device());
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor packed = at::empty({rows, cols / 2}, x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({rows, cols / format.block}, x.options().dtype(format.scale_dtype));
+  at::Tensor global = at::empty({}, x.options().dtype(at::kFloat));
+  float global_value = 1.0f;
+  if (global_scale.has_value()) {
+    check_global_scale_values("quantize_fp4", "global_scale", *global_scale);
+    global_value = global_scale->item<float>();
+  } else if (format.nvfp4) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_fp4_amax",
+                                    [&] { global_value = nvfp4_global_scale(amax_of<scalar_t>(x)); });
+  }
+  global.fill_(global_value);
+  uint8_t* packed_data = packed.mutable_data_ptr<uint8_t>();
+  uint8_t* scale_data = static_cast<uint8_t*>(scales.mutable_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_fp4", [&] {
+    if (format.nvfp4) {
+      quantize_rows<scalar_t, kNvfp4Block>(x, true, global_value, packed_data, scale_data);
+    } else {
+      quantize_rows<scalar_t, kMxfp4Block>(x, false, 1.0f, packed_data, scale_data);
+    }
+  });
+  return {packed, scales, global};
+}
+
+// Multiplier of block `b` of a row whose scale codes start at `scale_row`.
+inline float block_multiplier(const uint8_t* scale_row, int64_t b, bool nvfp4, float global_scale) {
+  return nvfp4 ? nvfp4_block_multiplier(scale_row[b], global_scale) : mxfp4_scale_value(scale_row[b]);
+}
+
+at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& block_scales, const at::Tensor& global_scale,
+                              c10::string_view fmt, at::ScalarType dtype) {
+  const Fp4Format format = check_dequantize_fp4_args(packed, block_scales, global_scale, fmt, dtype);
+  TORCH_CHECK(packed.device().is_cpu(), "dequantize_fp4: packed must be a CPU tensor here, got ", packed.device());
+  const at::Tensor bytes = packed.contiguous(), scales = block_scales.contiguous();
+  const int64_t rows = bytes.size(0), cols = bytes.size(1) * 2, blocks = cols / format.block;
+  const float global_value = global_scale.item<float>();
+  at::Tensor out = at::empty({rows, cols}, packed.options().dtype(dtype));
+  const uint8_t* byte_data = bytes.const_data_ptr<uint8_t>();
+  const uint8_t* scale_data = static_cast<const uint8_t*>(scales.const_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_fp4", [&] {
+    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          const float multiplier = block_multiplier(scale_data + r * blocks, b, format.nvfp4, global_value);
+          for (int64_t i = b * format.block; i < (b + 1) * format.block; ++i) {
+            const uint8_t byte = byte_data[r * (cols / 2) + i / 2];
+            out_data[r * cols + i] = static_cast<scalar_t>(dequantize_fp4_element(byte, static_cast<int>(i % 2), multiplier));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor fp4_grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scales,
+                                const at::Tensor& w_global_scale, const at::Tensor& offs, c10::string_view fmt) {
+  const Fp4Format format = parse_fp4_format("fp4_grouped_gemm", fmt);
+  const GroupedGemmShape shape = check_fp4_grouped_gemm_args(x, w, w_scales, w_global_scale, offs, format);
+  TORCH_CHECK(x.device().is_cpu(), "fp4_grouped_gemm: x must be a CPU tensor here, got ", x.device());
+  check_offs_values(offs, shape.tokens);
+  check_global_scale_values("fp4_grouped_gemm", "w_global_scale", w_global_scale);
+  at::Tensor y = at::zeros({shape.tokens, shape.n}, x.options());  // rows past offs[-1] stay zero
+  if (shape.tokens == 0 || shape.n == 0) return y;
+  const at::Tensor activations = x.to(at::kFloat).contiguous();
+  const at::Tensor weights = w.contiguous(), scales = w_scales.contiguous();
+  const at::Tensor globals = w_global_scale.contiguous(), ends = offs.contiguous();
+  const float* x_data = activations.const_data_ptr<float>();
+  const uint8_t* w_data = weights.const_data_ptr<uint8_t>();
+  const uint8_t* scale_data = static_cast<const uint8_t*>(scales.const_data_ptr());
+  const float* global_data = globals.const_data_ptr<float>();
+  const int32_t* end_data = ends.const_data_ptr<int32_t>();
+  at::BFloat16* y_data = y.mutable_data_ptr<at::BFloat16>();
+  const int64_t k = shape.k, blocks = k / format.block, n_chunk = 32;
+  const int64_t chunks = (shape.n + n_chunk - 1) / n_chunk;
+
+  // Work items: (expert, chunk of output columns); each dequantizes its weight rows once.
+  at::parallel_for(0, shape.num_experts * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(k);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = item / chunks, first_n = (item % chunks) * n_chunk;
+      const int64_t row_begin = e == 0 ? 0 : end_data[e - 1], row_end = end_data[e];
+      if (row_begin == row_end) continue;
+      for (int64_t n = first_n; n < std::min(first_n + n_chunk, shape.n); ++n) {
+        const uint8_t* w_row = w_data + (e * shape.n + n) * (k / 2);
+        const uint8_t* scale_row = scale_data + (e * shape.n + n) * blocks;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const float multiplier = block_multiplier(scale_row, b, format.nvfp4, 1.0f);
+          for (int64_t i = b * format.block; i < (b + 1) * format.block; ++i) {
+            row[i] = dequantize_fp4_element(w_row[i / 2], static_cast<int>(i % 2), multiplier);
+          }
+        }
+        for (int64_t t = row_begin; t < row_end; ++t) {
+          const float* x_row = x_data + t * k;
+          float sum = 0.0f;
+          for (int64_t i = 0; i < k; ++i) sum += x_row[i] * row[i];
+          y_data[t * shape.n + n] = static_cast<at::BFloat16>(sum * global_data[e]);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace helix
+
+TORCH_LIBRARY_IMPL(helix, CPU, m) {
+  m.impl("quantize_fp4", &helix::quantize_fp4_cpu);
+  m.impl("dequantize_fp4", &helix::dequantize_fp4_cpu);
+  m.impl("fp4_grouped_gemm", &helix::fp4_grouped_gemm_cpu);
+}
