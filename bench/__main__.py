@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     where = name or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"device: {where}; copy bandwidth {copy_gbs:.1f} GB/s (read + write); mode {mode}")
-    header = (f"{'op':<14} {'shape':<58} {'median us':>10} {'GB/s':>9} {'of copy':>8} {'peer us':>10} "
+    header = (f"{'op':<17} {'shape':<58} {'median us':>10} {'GB/s':>9} {'of copy':>8} {'peer us':>10} "
               f"{'speedup':>8}  peer")
     print(header)
     print("-" * len(header))
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["results"].append(entry)
         peer_text = f"{peer_median:>10.1f} {peer_median / median:>7.2f}x" if peer_median else f"{'-':>10} {'-':>8}"
-        print(f"{case.op:<14} {case.shape:<58} {median:>10.1f} {achieved:>9.1f} "
+        print(f"{case.op:<17} {case.shape:<58} {median:>10.1f} {achieved:>9.1f} "
               f"{achieved / copy_gbs:>8.3f} {peer_text}  {peer_name or ''}")
         if device == "cuda" and case.op not in cross_checked_ops:
             cross_checked_ops.add(case.op)  # the op's standard shape comes first

@@ -15,7 +15,7 @@ import math
 import torch
 
 import helix_ext
-from helix_ext.reference import merge_states_reference
+from helix_ext.reference import merge_states_reference, quantize_fp4_reference
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8"}
 
@@ -118,12 +118,71 @@ def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_
     )
 
 
+def fp4_grouped_gemm_case(label: str, num_experts: int, n: int, k: int, tokens_per_expert: int, fmt: str,
+                          device: str) -> Case:
+    """y = x @ dequant(w[e]).T for every expert's rows; all experts busy (the roofline case).
+    Peers: torch._grouped_mm on bf16 weights of the same shapes (4x the weight bytes), and
+    dequantize_fp4 followed by torch._grouped_mm."""
+    tokens = num_experts * tokens_per_expert
+    block = 16 if fmt == "nvfp4" else 32
+    dense = torch.randn(num_experts * n, k, device=device, dtype=torch.bfloat16)
+    packed, scales, global_scale = helix_ext.quantize_fp4(dense, fmt)
+    w = packed.view(num_experts, n, k // 2)
+    w_scales = scales.view(num_experts, n, k // block)
+    w_global = global_scale.reshape(1).expand(num_experts).contiguous()
+    x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+    offs = torch.arange(1, num_experts + 1, device=device, dtype=torch.int32) * tokens_per_expert
+    bytes_moved = (w.numel() + w_scales.numel() + w_global.numel() * 4 + offs.numel() * 4
+                   + x.numel() * 2 + tokens * n * 2)
+    dense_t = dense.view(num_experts, n, k).transpose(-2, -1)  # [E, K, N] as _grouped_mm takes it
+
+    def dequantize_then_grouped_mm():
+        weights = helix_ext.dequantize_fp4(packed, scales, global_scale, fmt, torch.bfloat16)
+        return torch._grouped_mm(x, weights.view(num_experts, n, k).transpose(-2, -1), offs=offs)
+
+    return Case(
+        op="fp4_grouped_gemm",
+        shape=f"{label}:E={num_experts},N={n},K={k},T={tokens},{fmt}",
+        bytes_moved=bytes_moved,
+        run=lambda: helix_ext.fp4_grouped_gemm(x, w, w_scales, w_global, offs, fmt),
+        peers=[("torch._grouped_mm (bf16 weights)", lambda: torch._grouped_mm(x, dense_t, offs=offs)),
+               ("dequantize_fp4 + torch._grouped_mm", dequantize_then_grouped_mm)],
+    )
+
+
+def quantize_fp4_case(label: str, rows: int, cols: int, fmt: str, given_global: bool, device: str) -> Case:
+    """Quantize a bf16 matrix; NVFP4 either derives its global scale (an amax pass) or takes one."""
+    block = 16 if fmt == "nvfp4" else 32
+    x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
+    global_scale = torch.tensor(0.001, device=device) if given_global else None
+    bytes_moved = x.numel() * 2 + x.numel() // 2 + x.numel() // block + 4
+    variant = "given global" if given_global else ("amax" if fmt == "nvfp4" else "")
+    return Case(
+        op="quantize_fp4",
+        shape=f"{label}:M={rows},K={cols},bf16,{fmt}{',' + variant if variant else ''}",
+        bytes_moved=bytes_moved,
+        run=lambda: helix_ext.quantize_fp4(x, fmt, global_scale),
+        peers=[("eager torch (same math, reference)", lambda: quantize_fp4_reference(x, fmt, global_scale))],
+    )
+
+
 # The standard shape of each op (the one the cupy cross-check times) comes first.
 STANDARD = {
     "merge_states": dict(num_parts=8, batch=64, heads=128, head_dim=512, dtype=torch.bfloat16),
     "flash_decode": dict(label="G1", batch=8, num_q_heads=16, num_kv_heads=1, head_dim_k=128, head_dim_v=128,
                          seq_len=131072, block_size=64, kv_dtype=torch.bfloat16),
+    "fp4_grouped_gemm": dict(label="F1", num_experts=32, n=4096, k=7168, tokens_per_expert=8, fmt="nvfp4"),
+    "quantize_fp4": dict(label="Q1", rows=4096, cols=7168, fmt="nvfp4", given_global=False),
 }
+_FP4_GEMM_HEADLINES = [
+    dict(label="F2", num_experts=32, n=7168, k=2048, tokens_per_expert=8, fmt="nvfp4"),
+    dict(label="F3", num_experts=1, n=13312, k=16384, tokens_per_expert=8, fmt="nvfp4"),
+    dict(label="F4", num_experts=32, n=4096, k=7168, tokens_per_expert=1, fmt="nvfp4"),
+]
+_QUANTIZE_HEADLINES = [
+    dict(label="Q1", rows=4096, cols=7168, fmt="nvfp4", given_global=True),
+    dict(label="Q1", rows=4096, cols=7168, fmt="mxfp4", given_global=False),
+]
 _FLASH_DECODE_HEADLINES = [
     dict(label="G2", batch=32, num_q_heads=64, num_kv_heads=8, head_dim_k=128, head_dim_v=128, seq_len=16384,
          block_size=64, kv_dtype=torch.bfloat16),
@@ -139,7 +198,8 @@ _FLASH_DECODE_HEADLINES = [
          block_size=64, kv_dtype=torch.float8_e4m3fn),
 ]
 # Quick mode runs these besides the standard shapes: they carry the issue's targets.
-QUICK_EXTRA = {"merge_states": [], "flash_decode": _FLASH_DECODE_HEADLINES}
+QUICK_EXTRA = {"merge_states": [], "flash_decode": _FLASH_DECODE_HEADLINES, "fp4_grouped_gemm": _FP4_GEMM_HEADLINES,
+               "quantize_fp4": _QUANTIZE_HEADLINES}
 EXTRA = {
     "merge_states": [
         dict(num_parts=2, batch=64, heads=128, head_dim=512, dtype=torch.bfloat16),
@@ -154,6 +214,11 @@ EXTRA = {
         dict(label="M1", batch=16, num_q_heads=128, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=16384,
              block_size=None, kv_dtype=torch.bfloat16),
     ],
+    "fp4_grouped_gemm": _FP4_GEMM_HEADLINES + [
+        dict(label="F1", num_experts=32, n=4096, k=7168, tokens_per_expert=8, fmt="mxfp4"),
+        dict(label="P1", num_experts=8, n=4096, k=7168, tokens_per_expert=512, fmt="nvfp4"),  # prefill-sized
+    ],
+    "quantize_fp4": _QUANTIZE_HEADLINES,
 }
 # Tiny shapes for checking the harness itself (tests, --smoke), not for numbers.
 SMOKE = {
@@ -164,8 +229,11 @@ SMOKE = {
         dict(label="smoke", batch=2, num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=128,
              block_size=64, kv_dtype=torch.float8_e4m3fn),
     ],
+    "fp4_grouped_gemm": [dict(label="smoke", num_experts=4, n=64, k=256, tokens_per_expert=2, fmt="nvfp4")],
+    "quantize_fp4": [dict(label="smoke", rows=64, cols=256, fmt="mxfp4", given_global=False)],
 }
-BUILDERS = {"merge_states": merge_states_case, "flash_decode": flash_decode_case}
+BUILDERS = {"merge_states": merge_states_case, "flash_decode": flash_decode_case,
+            "fp4_grouped_gemm": fp4_grouped_gemm_case, "quantize_fp4": quantize_fp4_case}
 
 
 def cases(device: str, mode: str) -> Iterator[Case]:
