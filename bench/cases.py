@@ -66,11 +66,12 @@ def _flex_peer(q, keys, values, scale):
 
 def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_k: int, head_dim_v: int,
                       seq_len: int, block_size: int | None, kv_dtype: torch.dtype, device: str, label: str,
-                      peers: tuple[str, ...] = ("sdpa_flash", "flex")) -> Case:
+                      peers: tuple[str, ...] = ("sdpa_flash",)) -> Case:
     """Decode attention over seq_len tokens per sequence. block_size None lays each sequence's
     cache out contiguously (one block per sequence); otherwise blocks of block_size, dealt to
     the sequences in a shuffled order. MLA when head_dim_k != head_dim_v (V inside the K entry).
-    Peers read bf16 K/V laid out contiguously as they want it."""
+    Peers read bf16 K/V laid out contiguously as they want it; flex_attention (compiled per
+    shape, which takes a while) only where a shape asks for it."""
     mla = head_dim_k != head_dim_v
     q_dtype = torch.bfloat16
     block = seq_len if block_size is None else block_size
@@ -170,7 +171,7 @@ def quantize_fp4_case(label: str, rows: int, cols: int, fmt: str, given_global: 
 STANDARD = {
     "merge_states": dict(num_parts=8, batch=64, heads=128, head_dim=512, dtype=torch.bfloat16),
     "flash_decode": dict(label="G1", batch=8, num_q_heads=16, num_kv_heads=1, head_dim_k=128, head_dim_v=128,
-                         seq_len=131072, block_size=64, kv_dtype=torch.bfloat16),
+                         seq_len=131072, block_size=64, kv_dtype=torch.bfloat16, peers=("sdpa_flash", "flex")),
     "fp4_grouped_gemm": dict(label="F1", num_experts=32, n=4096, k=7168, tokens_per_expert=8, fmt="nvfp4"),
     "quantize_fp4": dict(label="Q1", rows=4096, cols=7168, fmt="nvfp4", given_global=False),
 }
@@ -189,9 +190,9 @@ _FLASH_DECODE_HEADLINES = [
     dict(label="G3", batch=1, num_q_heads=8, num_kv_heads=1, head_dim_k=128, head_dim_v=128, seq_len=4096,
          block_size=64, kv_dtype=torch.bfloat16),
     dict(label="M1", batch=16, num_q_heads=128, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=16384,
-         block_size=64, kv_dtype=torch.bfloat16),
+         block_size=64, kv_dtype=torch.bfloat16, peers=("flex",)),
     dict(label="M2", batch=64, num_q_heads=128, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=4096,
-         block_size=64, kv_dtype=torch.bfloat16),
+         block_size=64, kv_dtype=torch.bfloat16, peers=("flex",)),
     dict(label="G1", batch=8, num_q_heads=16, num_kv_heads=1, head_dim_k=128, head_dim_v=128, seq_len=131072,
          block_size=64, kv_dtype=torch.float8_e4m3fn),
     dict(label="M1", batch=16, num_q_heads=128, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=16384,
