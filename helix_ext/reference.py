@@ -134,8 +134,9 @@ def fp4_pack(codes: torch.Tensor) -> torch.Tensor:
 
 
 def mxfp4_scale_values(codes: torch.Tensor) -> torch.Tensor:
-    """2^(code - 127) in float32 (code 0 is 2^-127, an fp32 subnormal)."""
-    return torch.ldexp(torch.ones_like(codes, dtype=torch.float64), codes.long() - 127).float()
+    """2^(code - 127) in float32 (code 0 is 2^-127, an fp32 subnormal; 0xFF is NaN)."""
+    values = torch.ldexp(torch.ones_like(codes, dtype=torch.float64), codes.long() - 127).float()
+    return torch.where(codes.long() == 0xFF, torch.full_like(values, float("nan")), values)
 
 
 def _block_multipliers(block_scales: torch.Tensor, global_scale: torch.Tensor, fmt: str) -> torch.Tensor:

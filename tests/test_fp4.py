@@ -334,3 +334,36 @@ def test_grouped_gemm_cuda_graph_capture():
         torch.cuda.synchronize()
         expected = helix_ext.fp4_grouped_gemm(x, w, scales, global_scales, offs, "nvfp4")
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_gemm_with_k_zero(device):
+    x = torch.empty(4, 0, device=device, dtype=torch.bfloat16)
+    w = torch.empty(2, 40, 0, device=device, dtype=torch.uint8)
+    scales = torch.empty(2, 40, 0, device=device, dtype=torch.uint8)
+    y = helix_ext.fp4_grouped_gemm(x, w, scales, torch.ones(2, device=device),
+                                   torch.tensor([1, 3], dtype=torch.int32, device=device), "mxfp4")
+    assert y.shape == (4, 40) and torch.all(y == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_contiguous_views(device):
+    # Contiguous views that start 8 bytes into their storage: the kernels' vector loads need
+    # 16-byte-aligned bases, so the launchers must copy such inputs, not fault on them.
+    k = 96
+    w, scales, global_scales = make_experts(2, 24, k, "nvfp4", device)
+    flat_w = torch.empty(w.numel() + 8, dtype=torch.uint8, device=device)
+    shifted_w = flat_w[8:].view(w.shape)
+    shifted_w.copy_(w)
+    big = torch.randn(1, k + 4, device=device).bfloat16()
+    x = big[:1, 4:]  # T = 1: contiguous, but 8 bytes in
+    assert shifted_w.is_contiguous() and x.is_contiguous()
+    offs = torch.tensor([1, 1], dtype=torch.int32, device=device)
+    expected = helix_ext.fp4_grouped_gemm(x.clone(), w, scales, global_scales, offs, "nvfp4")
+    torch.testing.assert_close(helix_ext.fp4_grouped_gemm(x, shifted_w, scales, global_scales, offs, "nvfp4"),
+                               expected, rtol=0, atol=0)
+    packed, block_scales, global_scale = helix_ext.quantize_fp4(torch.randn(1, 32, device=device), "nvfp4")
+    raw = torch.empty(1, 32, dtype=torch.uint8, device=device)
+    raw[:, 8:24] = packed
+    torch.testing.assert_close(helix_ext.dequantize_fp4(raw[:, 8:24], block_scales, global_scale, "nvfp4"),
+                               helix_ext.dequantize_fp4(packed, block_scales, global_scale, "nvfp4"), rtol=0, atol=0)

@@ -68,7 +68,7 @@ const FlashDecodeKernelInfo& kernel_info(HeadDims dims, bool bf16, bool fp8, int
 
 void check_aligned_rows(const at::Tensor& tensor, const char* name, std::initializer_list<int> dims) {
   const int64_t element = tensor.element_size();
-  bool aligned = reinterpret_cast<uintptr_t>(tensor.data_ptr()) % 16 == 0;
+  bool aligned = is_aligned(tensor.data_ptr(), 16);
   for (int dim : dims) aligned = aligned && (tensor.stride(dim) * element) % 16 == 0;
   TORCH_CHECK(aligned, "flash_decode: the CUDA kernel reads ", name, " in 16-byte rows: its data pointer and its "
               "strides ", tensor.strides(), " (except the last) must be multiples of 16 bytes");

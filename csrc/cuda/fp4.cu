@@ -39,8 +39,7 @@ void run_quantize(const at::Tensor& x, Fp4QuantizeParams& params, bool need_amax
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // 16-byte loads need every block's start aligned: the base pointer and the row stride.
-  const bool vector = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                      (params.x_stride_row * int64_t{x.element_size()}) % 16 == 0;
+  const bool vector = is_aligned(x.data_ptr(), 16) && (params.x_stride_row * int64_t{x.element_size()}) % 16 == 0;
   if (format.nvfp4) {
     launch_quantize<T, kNvfp4Block>(params, vector, device, stream);
   } else {
@@ -106,7 +105,11 @@ at::Tensor dequantize_fp4_cuda(const at::Tensor& packed_in, const at::Tensor& bl
   const Fp4Format format = check_dequantize_fp4_args(packed_in, block_scales, global_scale, fmt, dtype);
   TORCH_CHECK(packed_in.is_cuda(), "dequantize_fp4: packed must be a CUDA tensor here, got ", packed_in.device());
   const c10::cuda::CUDAGuard device_guard(packed_in.device());
-  const at::Tensor packed = packed_in.contiguous(), scales = block_scales.contiguous();
+  // The kernel reads each block's bytes as one 8- or 16-byte vector: a 16-byte-aligned base.
+  const at::Tensor packed = packed_in.is_contiguous() && is_aligned(packed_in.data_ptr(), 16)
+                                ? packed_in
+                                : packed_in.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor scales = block_scales.contiguous();
   const int64_t rows = packed.size(0), cols = packed.size(1) * 2;
   at::Tensor out = at::empty({rows, cols}, packed.options().dtype(dtype));
   if (out.numel() == 0) return out;

@@ -47,11 +47,14 @@ at::Tensor fp4_grouped_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   TORCH_CHECK(shape.tokens <= INT32_MAX && shape.k <= INT32_MAX && shape.n <= INT32_MAX && shape.num_experts <= 65535,
               "fp4_grouped_gemm: sizes out of range for the CUDA kernel: T = ", shape.tokens, ", K = ", shape.k,
               ", N = ", shape.n, ", E = ", shape.num_experts);
-  // x rows may be strided (16-byte aligned); the weights are read as packed, contiguous rows.
-  const bool x_usable = x_in.stride(1) == 1 && (x_in.stride(0) * 2) % 16 == 0 &&
-                        reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 16 == 0;
-  const at::Tensor x = x_usable ? x_in : x_in.contiguous();
-  const at::Tensor w = w_in.contiguous(), w_scales = w_scales_in.contiguous();
+  // x rows may be strided if every row starts 16-byte aligned; the weights are read as packed
+  // rows from a 16-byte-aligned base. Anything else is copied (clone: a contiguous view at a
+  // misaligned address would come back from contiguous() unchanged).
+  const bool x_usable = x_in.stride(1) == 1 && (x_in.stride(0) * 2) % 16 == 0 && is_aligned(x_in.data_ptr(), 16);
+  const at::Tensor x = x_usable ? x_in : x_in.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor w = w_in.is_contiguous() && is_aligned(w_in.data_ptr(), 16) ? w_in
+                                                                               : w_in.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor w_scales = w_scales_in.contiguous();
   const at::Tensor w_global = w_global_scale.contiguous(), ends = offs.contiguous();
 
   Fp4GemmParams params{};
@@ -72,16 +75,19 @@ at::Tensor fp4_grouped_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
 
   const int device = x.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  if (shape.tokens == 0 || shape.n == 0) return at::zeros({shape.tokens, shape.n}, x.options());
+  if (shape.tokens == 0 || shape.n == 0 || shape.k == 0) return at::zeros({shape.tokens, shape.n}, x.options());
 
   // With T <= 16 no group can exceed one 16-row mma tile: the lean single-tile instance.
   const bool single_tile = shape.tokens <= 16;
-  // Split K only when the (expert, column tile) units cannot fill one wave of the GPU; the
-  // host does not know which groups are empty (that would be a sync), so it assumes none.
+  // Split K only at decode sizes (T <= 64) and only when the (expert, column tile) units
+  // cannot fill one wave of the GPU; the host does not know which groups are empty (that
+  // would be a sync), so it assumes none. Prefill-sized T has work enough per unit.
   const int64_t units = shape.num_experts * int64_t{params.n_tiles};
   const int ctas_per_sm = single_tile ? gemm_ctas_per_sm<1>(device) : gemm_ctas_per_sm<4>(device);
   const int64_t target = int64_t{multiprocessor_count(device)} * std::max(2, ctas_per_sm);
-  int k_splits = units >= target ? 1 : static_cast<int>(std::min<int64_t>((target + units - 1) / units, 32));
+  int k_splits = units >= target || shape.tokens > 64
+                     ? 1
+                     : static_cast<int>(std::min<int64_t>((target + units - 1) / units, 32));
   k_splits = std::max(1, std::min(k_splits, total_chunks));
   params.chunks_per_split = (total_chunks + k_splits - 1) / k_splits;
   params.k_splits = (total_chunks + params.chunks_per_split - 1) / params.chunks_per_split;

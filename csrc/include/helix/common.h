@@ -8,9 +8,15 @@
 #define HELIX_HOST_DEVICE inline
 #endif
 
+#include <stdint.h>
+
 namespace helix {
 
 // The value every "absent" log-sum-exp takes: a shard with no keys, or a merge of nothing.
 HELIX_HOST_DEVICE float neg_inf() { return -__builtin_huge_valf(); }
+
+HELIX_HOST_DEVICE bool is_aligned(const void* pointer, int bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
+}
 
 }  // namespace helix

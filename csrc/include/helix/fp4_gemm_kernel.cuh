@@ -68,10 +68,12 @@ HELIX_DEVICE uint32_t multiply_bf16_pairs(uint32_t a, uint32_t b) {
 }
 
 // Block scale as a bf16 pair (both halves equal). E4M3 values are exact in bf16; an E8M0
-// code c is 2^(c-127), i.e. the bf16 bit pattern c << 7 (code 0, 2^-127, becomes 0).
+// code c is 2^(c-127), i.e. the bf16 bit pattern c << 7 (code 0, 2^-127, becomes 0; 0xFF
+// is NaN, as in the shared codec).
 HELIX_DEVICE uint32_t scale_pair(uint32_t code, bool nvfp4) {
   const float value = nvfp4 ? fp8_e4m3_to_float(static_cast<uint8_t>(code)) : 0.0f;
-  const uint32_t bits = nvfp4 ? (bf16_pair_bits(value, value) & 0xFFFFu) : ((code & 0xFFu) << 7);
+  const uint32_t e8m0 = (code & 0xFFu) == 0xFFu ? 0x7FC0u : ((code & 0xFFu) << 7);
+  const uint32_t bits = nvfp4 ? (bf16_pair_bits(value, value) & 0xFFFFu) : e8m0;
   return bits | (bits << 16);
 }
 

@@ -106,10 +106,6 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
   }
 }
 
-inline bool is_aligned(const void* pointer, int bytes) {
-  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
-}
-
 // Launches the merge on a stream, 16-byte loads when every (p, b, h) row allows them.
 // Returns the launch's error code; callers check it.
 template <typename InT, typename OutT>
