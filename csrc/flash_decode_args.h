@@ -36,8 +36,8 @@ inline FlashDecodeShape check_flash_decode_args(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& k_scale,
                                                 const std::optional<at::Tensor>& v_scale, int64_t num_splits) {
   TORCH_CHECK(q.dim() == 3, "flash_decode: q must be 3-D [B, Hq, Dk], got shape ", q.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "flash_decode: q must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
+              "flash_decode: q must be bfloat16, float16 or float32 (float32: CPU only), got ", q.scalar_type());
   TORCH_CHECK(k_cache.dim() == 4, "flash_decode: k_cache must be 4-D [num_blocks, block_size, Hkv, Dk], got shape ",
               k_cache.sizes());
   const bool kv_fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;

@@ -1,7 +1,10 @@
 """Command line of helix-ext.
 
-  python -m helix_ext info    how the native library was built, and the GPU present now
-  python -m helix_ext demo    the main job (for now: an exact merge of sharded attention)
+  python -m helix_ext demo      the main job: decode a long context under Helix parallelism
+                                on N spawned ranks (or under torchrun) and check it against
+                                the same model on one rank
+  python -m helix_ext kernels   the ops alone: an exact merge of sharded attention, timed
+  python -m helix_ext info      how the native library was built, and the GPU present now
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def time_call(fn, device: str, repeats: int = 50) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def command_demo(args) -> int:
+def command_kernels(args) -> int:
     print("helix-ext build:", json.dumps({k: v for k, v in helix_ext.build_info().items() if k != "ops"}))
     device = "cuda" if torch.cuda.is_available() and helix_ext.build_info()["with_cuda"] else "cpu"
     print(f"runtime device: {runtime_device()}; running on {device}")
@@ -103,18 +106,81 @@ def command_demo(args) -> int:
     return 0
 
 
+def command_demo(args) -> int:
+    import torch.distributed as dist
+
+    from helix_ext.parallel.config import HelixConfig, HelixConfigError
+    from helix_ext.parallel.demo import DemoSpec, build_report, format_report, run_demo, run_rank
+    from helix_ext.parallel.launch import choose_backend, torchrun_environment
+    from helix_ext.parallel.models import tiny_deepseek, tiny_llama
+
+    make_model = tiny_llama if args.model == "llama" else tiny_deepseek
+    model = make_model(dtype=getattr(torch, args.dtype), expert_format=args.experts, seed=args.seed)
+    helix = HelixConfig(kvp=args.kvp, tpa=args.tpa, tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
+                        hopb_chunks=args.hopb_chunks)
+    try:
+        helix.validate(model.num_q_heads, model.attention_kv_heads, model.num_experts > 0, model.num_experts)
+    except HelixConfigError as error:
+        print(f"invalid Helix config: {error}", file=sys.stderr)
+        return 2
+    # Different lengths per sequence, so KV ownership changes hands at different steps.
+    lengths = [max(0, args.context - 9 * b) for b in range(args.batch)]
+    spec = DemoSpec(model=model, helix=helix, context_lengths=lengths, steps=args.steps, seed=args.seed)
+    environment = torchrun_environment()
+    if environment is None:
+        report = run_demo(spec, timeout_s=args.timeout)
+    else:
+        rank, world_size = environment
+        if world_size != helix.world_size:
+            print(f"torchrun started {world_size} ranks but kvp x tpa = {helix.world_size}", file=sys.stderr)
+            return 2
+        backend = choose_backend(world_size)
+        dist.init_process_group(backend)
+        start = time.perf_counter()
+        result = run_rank(rank, backend, spec)
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(result, gathered, dst=0)
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+        report = build_report(spec, gathered, time.perf_counter() - start)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "ranks"} | {"ranks": report["ranks"]}))
+    else:
+        print(format_report(report))
+    return 0 if report["matches_reference"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helix_ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="build and runtime information").set_defaults(run=command_info)
-    demo = commands.add_parser("demo", help="the main job: an exact merge of sharded decode attention")
-    demo.add_argument("--seq-len", type=int, default=4096, help="tokens in the KV cache")
-    demo.add_argument("--kvp", type=int, default=4, help="KV-parallel shards (>= 2; the last is empty)")
+    demo = commands.add_parser("demo", help="the main job: Helix decode on N ranks vs the single-rank model")
+    demo.add_argument("--model", choices=["llama", "deepseek"], default="llama",
+                      help="llama: GQA + dense FFN; deepseek: MLA + MoE (default llama)")
+    demo.add_argument("--kvp", type=int, default=2, help="KV-parallel ranks per TPA group (default 2)")
+    demo.add_argument("--tpa", type=int, default=2, help="tensor-parallel ranks over KV heads (default 2; 1 for MLA)")
+    demo.add_argument("--tpf", type=int, default=None, help="MoE: tensor-parallel ranks per expert (default N / ep)")
+    demo.add_argument("--ep", type=int, default=1, help="MoE: expert-parallel groups (default 1)")
+    demo.add_argument("--tokens-per-block", type=int, default=16, help="KV round-robin block (default 16)")
+    demo.add_argument("--hopb-chunks", type=int, default=2, help="HOP-B batch chunks, 1 = off (default 2)")
+    demo.add_argument("--context", type=int, default=32768, help="context tokens per sequence (default 32768)")
+    demo.add_argument("--batch", type=int, default=4, help="sequences (default 4)")
+    demo.add_argument("--steps", type=int, default=20, help="decode steps (default 20)")
+    demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    demo.add_argument("--experts", choices=["dense", "nvfp4", "mxfp4"], default="dense", help="MoE expert weights")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--timeout", type=float, default=600.0, help="seconds any collective may wait")
+    demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=command_demo)
+    kernels = commands.add_parser("kernels", help="the ops alone: an exact merge of sharded attention, timed")
+    kernels.add_argument("--seq-len", type=int, default=4096, help="tokens in the KV cache")
+    kernels.add_argument("--kvp", type=int, default=4, help="KV-parallel shards (>= 2; the last is empty)")
+    kernels.add_argument("--seed", type=int, default=0)
+    kernels.set_defaults(run=command_kernels)
     args = parser.parse_args(argv)
-    if getattr(args, "kvp", 2) < 2:
+    if args.command == "kernels" and args.kvp < 2:
         parser.error("--kvp must be at least 2")
     return args.run(args)
 

@@ -74,23 +74,32 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
     return order, counts.cumsum(0).to(torch.int32)
 
 
-def moe_ffn(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: Fp4Experts,
-            down: Fp4Experts) -> torch.Tensor:
+def moe_ffn(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up, down,
+            first_expert: int = 0) -> torch.Tensor:
     """SwiGLU experts: ``out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
     ``e = topk_ids[t, j]``.
 
     Args:
-        hidden: ``[T, H]`` bfloat16 tokens.
-        topk_ids: ``[T, k]`` expert ids in ``[0, E)``; topk_weights: ``[T, k]`` their weights.
-        gate_up: experts with ``N = 2F``, ``K = H``: rows ``[0, F)`` are the gate projection,
-            rows ``[F, 2F)`` the up projection.
+        hidden: ``[T, H]`` tokens (bfloat16 for FP4 experts).
+        topk_ids: ``[T, k]`` expert ids; topk_weights: ``[T, k]`` their weights.
+        gate_up: experts (``Fp4Experts``, or any callable ``(x, offs) -> y`` with a
+            ``num_experts``) with ``N = 2F``, ``K = H``: rows ``[0, F)`` are the gate
+            projection, rows ``[F, 2F)`` the up projection.
         down: experts with ``N = H``, ``K = F``.
+        first_expert: the experts held here are ``[first_expert, first_expert + E)`` (an
+            expert-parallel shard); pairs routed elsewhere contribute nothing. They are sorted
+            past the last group, where the grouped GEMM writes zeros: no host sync, no
+            data-dependent shapes.
 
     Returns:
         ``[T, H]`` in hidden's dtype (accumulated over the k experts in fp32).
     """
     num_tokens, top_k = topk_ids.shape
-    order, offs = sort_by_expert(topk_ids, gate_up.num_experts)
+    num_local = gate_up.num_experts
+    local = (topk_ids >= first_expert) & (topk_ids < first_expert + num_local)
+    topk_ids = torch.where(local, topk_ids - first_expert, torch.full_like(topk_ids, num_local))
+    order, offs = sort_by_expert(topk_ids, num_local + 1)
+    offs = offs[:num_local]
     token_of_pair = order // top_k
     x = hidden[token_of_pair]
     gate_and_up = gate_up(x, offs)

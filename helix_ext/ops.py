@@ -14,7 +14,7 @@ import torch
 from helix_ext._build_info import CUDA_BUILT, CUDA_SKIP_REASON
 
 _MERGE_STATES_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FLASH_DECODE_Q_DTYPES = (torch.bfloat16, torch.float16)
+_FLASH_DECODE_Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _require_device_kernel(op: str, tensor: torch.Tensor) -> None:
@@ -87,7 +87,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
     reproduces attention over the whole sequence exactly.
 
     Args:
-        q: ``[B, Hq, Dk]`` bfloat16 or float16 (one decode token per sequence).
+        q: ``[B, Hq, Dk]`` bfloat16 or float16 (one decode token per sequence); float32 too on
+            the CPU (for exact-arithmetic test models; the CUDA kernel uses bf16/fp16 tensor cores).
         k_cache: ``[num_blocks, block_size, Hkv, Dk]`` in q's dtype or float8_e4m3fn; any
             block size >= 1; strides allowed, the last dim contiguous.
         v_cache: ``[num_blocks, block_size, Hkv, Dv]`` with k_cache's dtype, or None for MLA's
@@ -127,7 +128,7 @@ def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
     if q.dim() != 3:
         raise RuntimeError(f"flash_decode: q must be 3-D [B, Hq, Dk], got shape {tuple(q.shape)}")
     if q.dtype not in _FLASH_DECODE_Q_DTYPES:
-        raise RuntimeError(f"flash_decode: q must be bfloat16 or float16, got {q.dtype}")
+        raise RuntimeError(f"flash_decode: q must be bfloat16, float16 or float32 (float32: CPU only), got {q.dtype}")
     if k_cache.dim() != 4:
         raise RuntimeError("flash_decode: k_cache must be 4-D [num_blocks, block_size, Hkv, Dk], "
                            f"got shape {tuple(k_cache.shape)}")

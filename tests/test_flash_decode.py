@@ -108,6 +108,19 @@ def test_dtypes(device, q_dtype, fp8, head_dim):
          kv_dtype=FP8 if fp8 else q_dtype, device=device).check()
 
 
+def test_float32_on_the_cpu():
+    # float32 caches and queries (the runtime's exact-arithmetic test models): no rounding of P.
+    Case([0, 7, 300], num_q_heads=6, num_kv_heads=2, head_dim_k=48, q_dtype=torch.float32).check()
+    Case([5, 70], num_q_heads=4, num_kv_heads=1, head_dim_k=80, head_dim_v=64, q_dtype=torch.float32,
+         mla=True).check()
+
+
+@pytest.mark.gpu
+def test_float32_is_rejected_on_cuda():
+    with pytest.raises(RuntimeError, match=r"float32 runs on the CPU only"):
+        Case([5], num_q_heads=4, num_kv_heads=2, head_dim_k=64, q_dtype=torch.float32, device="cuda").run()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_q_heads", [16, 128])
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -198,7 +211,7 @@ def bad_inputs(device):
         ("Hq not a multiple of Hkv", (q[:, :3], k, v, table, lens, scale), {}, r"multiple of k_cache's KV head count"),
         ("head dim mismatch", (q[..., :32], k, v, table, lens, scale), {}, r"k_cache's head dim \(64\) must equal"),
         ("v dtype mismatch", (q, k, v.half(), table, lens, scale), {}, r"v_cache must have k_cache's dtype"),
-        ("q float32", (q.float(), k, v, table, lens, scale), {}, r"q must be bfloat16 or float16"),
+        ("q float64", (q.double(), k, v, table, lens, scale), {}, r"q must be bfloat16, float16 or float32"),
         ("cache dtype mismatch", (q, k.half(), v.half(), table, lens, scale), {}, r"k_cache must have q's dtype"),
         ("fp8 without k_scale", (q, fp8_k, fp8_v, table, lens, scale), {}, r"k_scale is required"),
         ("fp8 without v_scale", (q, fp8_k, fp8_v, table, lens, scale), {"k_scale": one}, r"v_scale is required"),

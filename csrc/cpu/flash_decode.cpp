@@ -2,7 +2,8 @@
 // Work items are (sequence, KV head, chunk of tokens); each computes every query head of its
 // GQA group with the online-softmax functions of helix/softmax_merge.h (the CUDA kernel's),
 // and chunks of one sequence are merged with the same merge math as merge_states.
-// Like the CUDA kernel, probabilities are rounded to q's dtype before they weight V.
+// Like the CUDA kernel, probabilities are rounded to q's dtype before they weight V (a
+// no-op for float32, which only this CPU kernel takes: the runtime's fp32 test models).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -211,8 +212,10 @@ std::tuple<at::Tensor, at::Tensor> flash_decode_cpu(const at::Tensor& q, const a
   };
   if (q.scalar_type() == at::kBFloat16) {
     shape.kv_fp8 ? run(c10::BFloat16(), uint8_t()) : run(c10::BFloat16(), c10::BFloat16());
-  } else {
+  } else if (q.scalar_type() == at::kHalf) {
     shape.kv_fp8 ? run(c10::Half(), uint8_t()) : run(c10::Half(), c10::Half());
+  } else {
+    shape.kv_fp8 ? run(float(), uint8_t()) : run(float(), float());  // fp32: probabilities stay fp32
   }
   return {out, lse};
 }

@@ -95,6 +95,8 @@ std::tuple<at::Tensor, at::Tensor> flash_decode_cuda(const at::Tensor& q, const 
   const FlashDecodeShape shape = check_flash_decode_args(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
                                                          head_dim_v, k_scale, v_scale, num_splits);
   TORCH_CHECK(q.is_cuda(), "flash_decode: q must be a CUDA tensor here, got ", q.device());
+  TORCH_CHECK(q.scalar_type() != at::kFloat, "flash_decode: the CUDA kernel takes bfloat16 or float16 q and caches "
+              "(tensor cores); float32 runs on the CPU only");
   const c10::cuda::CUDAGuard device_guard(q.device());
   if (check_inputs_on_device()) check_flash_decode_values(block_table, seq_lens, shape);
   const HeadDims dims = select_head_dims(shape);

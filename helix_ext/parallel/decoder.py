@@ -1,0 +1,205 @@
+"""One rank's share of a model decoding under Helix parallelism.
+
+Per layer and decode step:
+  attention on N = KVP x TPA ranks: the rank's TPA group computes Q/K/V of its KV heads and
+    their query heads (replicated on the group's KVP ranks), applies RoPE, appends the new
+    token's KV on the owner rank only (round-robin by block), runs flash_decode over its KV
+    shard, and exchanges partial outputs + LSEs inside the KVP group (one all-to-all, then
+    merge_states for the query heads this rank owns after the exchange);
+  the output projection runs TP = N over those heads, then an all-reduce;
+  the FFN reuses the N ranks: dense SwiGLU as TP = N, MoE as TPF x EP (router replicated, each
+    rank computing its experts' FFN slices for the tokens routed to them), then an all-reduce.
+HOP-B splits the batch into chunks and starts chunk c's exchange before computing chunk
+c+1's attention; the projections run on the whole batch, so results are the same bits with
+HOP-B on or off.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from helix_ext.moe import moe_ffn
+from helix_ext.ops import flash_decode, merge_states
+from helix_ext.parallel.config import HelixConfig, RankLayout, even_split
+from helix_ext.parallel.exchange import make_exchange
+from helix_ext.parallel.experts import local_experts, route
+from helix_ext.parallel.kv_cache import HelixKVCache
+from helix_ext.parallel.models import (ModelConfig, apply_rope, context_block, make_weights, mla_query_and_entry,
+                                       rms_norm, swiglu)
+
+
+class HelixGroups:
+    """The process groups of a Helix layout, built once, in the same order on every rank."""
+
+    def __init__(self, config: HelixConfig, rank: int):
+        self.world = dist.group.WORLD
+        self.kvp_groups = []
+        for t in range(config.tpa):
+            self.kvp_groups.append(dist.new_group(list(range(t * config.kvp, (t + 1) * config.kvp))))
+        self.kvp = self.kvp_groups[rank // config.kvp]
+
+
+class PhaseTimers:
+    """Wall-clock seconds per phase (the device is synchronized at each boundary)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class HelixDecoder:
+    """The rank's shards of every weight, its KV cache shard, and the decode step."""
+
+    def __init__(self, model: ModelConfig, config: HelixConfig, rank: int, groups: HelixGroups,
+                 context_lengths: list[int], max_new_tokens: int, device: torch.device):
+        config.validate(model.num_q_heads, model.attention_kv_heads, model.num_experts > 0, model.num_experts)
+        if dist.get_world_size() != config.world_size:
+            raise ValueError(f"the process group has {dist.get_world_size()} ranks, the Helix config needs "
+                             f"kvp x tpa = {config.world_size}")
+        self.model, self.config, self.rank, self.groups, self.device = model, config, rank, groups, device
+        self.layout = RankLayout(rank, config, model.num_q_heads, model.attention_kv_heads)
+        self.timers = PhaseTimers(device)
+        full = {k: v.to(model.dtype) for k, v in make_weights(model).items()}
+        self.w = self._shard(full)
+        dim_k, dim_v = model.cache_head_dims
+        self.cache = HelixKVCache(
+            num_layers=model.num_layers, batch=len(context_lengths), num_kv_heads=len(self.layout.kv_heads),
+            head_dim_k=dim_k, head_dim_v=None if model.mla else dim_v, block_size=config.tokens_per_block,
+            kvp=config.kvp, kvp_index=self.layout.kvp_index,
+            capacity_tokens=[n + max_new_tokens for n in context_lengths], dtype=model.dtype, device=device)
+        kv = self.layout.kv_heads
+
+        def local_block(layer, sequence, block):
+            keys, values = context_block(model, layer, sequence, block, context_lengths[sequence],
+                                         config.tokens_per_block)
+            return keys[:, kv.start:kv.stop], None if values is None else values[:, kv.start:kv.stop]
+
+        self.cache.load_context(context_lengths, local_block)
+        self.exchange = make_exchange(config.exchange, self.layout.exchange_head_counts(), self.layout.kvp_index,
+                                      groups.kvp)
+
+    # ------------------------------------------------------------------ weight shards
+    def _shard(self, full: dict[str, torch.Tensor]) -> dict:
+        m, lay, n = self.model, self.layout, self.config.world_size
+        q, kv, merged = lay.q_heads, lay.kv_heads, lay.merged_heads
+        dev = self.device
+        w = {name: full[name].to(dev) for name in ("embed", "final_norm", "lm_head")}
+        for layer in range(m.num_layers):
+            p = f"layers.{layer}."
+            for name in ("attn_norm", "ffn_norm"):
+                w[p + name] = full[p + name].to(dev)
+            if m.mla:
+                for name in ("wq", "w_dkv", "w_kr", "kv_norm", "w_uk"):
+                    w[p + name] = full[p + name].to(dev)  # TPA = 1 for MLA: all query heads locally
+                w[p + "w_uv"] = full[p + "w_uv"][merged.start:merged.stop].to(dev)
+                head_v = m.v_head_dim
+            else:
+                d = m.head_dim
+                w[p + "wq"] = full[p + "wq"][q.start * d:q.stop * d].to(dev)
+                w[p + "wk"] = full[p + "wk"][kv.start * d:kv.stop * d].to(dev)
+                w[p + "wv"] = full[p + "wv"][kv.start * d:kv.stop * d].to(dev)
+                head_v = d
+            w[p + "wo"] = full[p + "wo"][:, merged.start * head_v:merged.stop * head_v].contiguous().to(dev)
+            if m.is_moe_layer(layer):
+                w[p + "router"] = full[p + "router"].to(dev)
+                ffn = lay.ffn_slice(m.moe_ffn_dim, self.config.ffn_tp, lay.tpf_index)
+                experts = lay.local_experts(m.num_experts)
+                w[p + "experts"] = local_experts(m, full, p, experts, ffn, dev)
+                w[p + "experts.first"] = experts.start
+                shared = lay.ffn_slice(m.moe_ffn_dim * m.num_shared_experts, n, self.rank)
+                w[p + "shared.gate"] = full[p + "shared.gate"][shared.start:shared.stop].to(dev)
+                w[p + "shared.up"] = full[p + "shared.up"][shared.start:shared.stop].to(dev)
+                w[p + "shared.down"] = full[p + "shared.down"][:, shared.start:shared.stop].contiguous().to(dev)
+            else:
+                cols = lay.ffn_slice(m.ffn_dim, n, self.rank)
+                w[p + "ffn.gate"] = full[p + "ffn.gate"][cols.start:cols.stop].to(dev)
+                w[p + "ffn.up"] = full[p + "ffn.up"][cols.start:cols.stop].to(dev)
+                w[p + "ffn.down"] = full[p + "ffn.down"][:, cols.start:cols.stop].contiguous().to(dev)
+        return w
+
+    # ------------------------------------------------------------------ attention
+    def _qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
+        """(queries [B, Hq_local, Dk], keys [B, Hkv_local, Dk], values or None) of the new token."""
+        m, w, p = self.model, self.w, f"layers.{layer}."
+        if m.mla:
+            query, entry = mla_query_and_entry(m, w, p, h, positions, range(m.num_q_heads))
+            return query, entry, None
+        d = m.head_dim
+        q = apply_rope((h @ w[p + "wq"].T).view(h.shape[0], -1, d), positions, m.rope_theta)
+        k = apply_rope((h @ w[p + "wk"].T).view(h.shape[0], -1, d), positions, m.rope_theta)
+        v = (h @ w[p + "wv"].T).view(h.shape[0], -1, d)
+        return q, k, v
+
+    def _attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor, slots) -> torch.Tensor:
+        m, w, p, cache = self.model, self.w, f"layers.{layer}.", self.cache
+        h = rms_norm(x, w[p + "attn_norm"], m.rms_eps)
+        with self.timers.phase("attention"):
+            q, k, v = self._qkv(layer, h, positions)
+            cache.write(layer, slots, k, v)
+        dim_v = m.cache_head_dims[1]
+        chunks = [c for c in torch.arange(x.shape[0]).tensor_split(self.config.hopb_chunks) if len(c)]
+        handles, merged = [], []
+        for c, rows in enumerate(chunks):
+            b0, b1 = int(rows[0]), int(rows[-1]) + 1
+            with self.timers.phase("attention"):
+                out, lse = flash_decode(q[b0:b1].contiguous(), cache.keys[layer],
+                                        None if m.mla else cache.values[layer], cache.block_table[b0:b1],
+                                        cache.seq_lens[b0:b1], m.softmax_scale, dim_v if m.mla else -1)
+            with self.timers.phase("exchange"):
+                handles.append(self.exchange.start(out, lse))  # overlaps the next chunk's attention
+        with self.timers.phase("exchange"):
+            for handle in handles:
+                parts_out, parts_lse = self.exchange.finish(handle)
+                merged.append(merge_states(parts_out, parts_lse)[0])
+        heads_out = torch.cat(merged)  # [B, merged heads, Dv]
+        with self.timers.phase("output"):
+            if m.mla:
+                heads_out = torch.einsum("bnc,nvc->bnv", heads_out, w[p + "w_uv"])
+            y = heads_out.flatten(1) @ w[p + "wo"].T
+            dist.all_reduce(y, group=self.groups.world)
+        return y
+
+    # ------------------------------------------------------------------ FFN
+    def _ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        m, w, p = self.model, self.w, f"layers.{layer}."
+        h = rms_norm(x, w[p + "ffn_norm"], m.rms_eps)
+        with self.timers.phase("ffn"):
+            if m.is_moe_layer(layer):
+                ids, weights = route(h, w[p + "router"], m.top_k)
+                gate_up, down = w[p + "experts"]
+                expert_input = h if m.expert_format == "dense" else h.to(torch.bfloat16)  # FP4 GEMM: bf16 x
+                y = moe_ffn(expert_input, ids, weights, gate_up, down, w[p + "experts.first"]).to(h.dtype)
+                y = y + swiglu(h, w[p + "shared.gate"], w[p + "shared.up"], w[p + "shared.down"])
+            else:
+                y = swiglu(h, w[p + "ffn.gate"], w[p + "ffn.up"], w[p + "ffn.down"])
+            dist.all_reduce(y, group=self.groups.world)
+        return y
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """Decode one token per sequence (tokens [B] at positions[b]): logits [B, vocab] fp32."""
+        m, w = self.model, self.w
+        slots = self.cache.begin_step(positions)
+        position_tensor = torch.tensor(positions, device=self.device)
+        x = w["embed"][tokens.to(self.device)]
+        for layer in range(m.num_layers):
+            x = x + self._attention(layer, x, position_tensor, slots)
+            x = x + self._ffn(layer, x)
+        return (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()

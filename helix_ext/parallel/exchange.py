@@ -1,0 +1,75 @@
+"""The exchange of Helix's attention: partial outputs and LSEs of every KVP rank, regrouped by
+query head, one all-to-all inside the KVP group, then merged with merge_states.
+
+Backends share one interface, start(out, lse) -> handle and finish(handle) -> (parts_out
+[kvp, B, h, Dv], parts_lse [kvp, B, h]), so HOP-B can start chunk c's exchange and finish it
+while chunk c+1's attention computes, and the fused peer-memory combine can replace the
+collective later without touching the layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from helix_ext.parallel.config import split_offsets
+
+
+class CollectiveExchange:
+    """Backend "nccl": torch.distributed.all_to_all_single over the KVP group (NCCL on GPUs,
+    gloo on CPU). Output and LSE travel together: per destination one byte buffer holding
+    that destination's head slice of the partial output, then of the LSE."""
+
+    name = "nccl"
+
+    def __init__(self, head_counts: list[int], kvp_index: int, group, async_ops: bool = True):
+        self.head_counts = head_counts      # heads each KVP rank merges (as even as possible)
+        self.offsets = split_offsets(head_counts)
+        self.kvp_index = kvp_index
+        self.group = group
+        self.async_ops = async_ops
+        self.bytes_sent = 0
+
+    @property
+    def kvp(self) -> int:
+        return len(self.head_counts)
+
+    def start(self, out: torch.Tensor, lse: torch.Tensor):
+        """out [B, H, Dv], lse [B, H] over this TPA group's H query heads."""
+        batch, _, head_dim = out.shape
+        if self.kvp == 1:  # nothing to exchange: the rank merges its own (single) part
+            return None, out.unsqueeze(0), lse.unsqueeze(0)
+        pieces, sizes = [], []
+        for offset, count in zip(self.offsets, self.head_counts):
+            part_out = out[:, offset:offset + count].contiguous().view(torch.uint8).reshape(-1)
+            part_lse = lse[:, offset:offset + count].contiguous().view(torch.uint8).reshape(-1)
+            pieces += [part_out, part_lse]
+            sizes.append(part_out.numel() + part_lse.numel())
+        send = torch.cat(pieces)
+        mine = self.head_counts[self.kvp_index]
+        receive_bytes = batch * mine * (head_dim * out.element_size() + 4)
+        receive = torch.empty(receive_bytes * self.kvp, dtype=torch.uint8, device=out.device)
+        self.bytes_sent += send.numel() - sizes[self.kvp_index]  # the own slice does not leave the rank
+        work = dist.all_to_all_single(receive, send, output_split_sizes=[receive_bytes] * self.kvp,
+                                      input_split_sizes=sizes, group=self.group, async_op=self.async_ops)
+        return work, receive, (batch, mine, head_dim, out.dtype)
+
+    def finish(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
+        work, payload, meta = handle
+        if self.kvp == 1:
+            return payload, meta  # (out[None], lse[None])
+        if work is not None:
+            work.wait()
+        batch, heads, head_dim, dtype = meta
+        element = torch.empty((), dtype=dtype).element_size()
+        out_bytes, lse_bytes = batch * heads * head_dim * element, batch * heads * 4
+        chunks = payload.view(self.kvp, out_bytes + lse_bytes)
+        parts_out = chunks[:, :out_bytes].contiguous().view(dtype).view(self.kvp, batch, heads, head_dim)
+        parts_lse = chunks[:, out_bytes:].contiguous().view(torch.float32).view(self.kvp, batch, heads)
+        return parts_out, parts_lse
+
+
+def make_exchange(name: str, head_counts: list[int], kvp_index: int, group):
+    if name == "nccl":
+        return CollectiveExchange(head_counts, kvp_index, group)
+    raise ValueError(f"unknown exchange backend {name!r} (available: 'nccl')")

@@ -1,0 +1,106 @@
+"""Starting ranks: spawned processes on one machine (gloo on CPU, NCCL when there are enough
+GPUs), or an existing torchrun launch. Every collective has a bounded timeout, so a rank
+that dies makes the others fail with an error instead of hanging."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks failed; the message carries their errors."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def choose_backend(world_size: int) -> str:
+    """NCCL when this machine has a GPU per rank, else gloo (CPU)."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+
+
+def rank_device(backend: str, rank: int) -> torch.device:
+    if backend == "nccl":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def init_process_group(rank: int, world_size: int, port: int, backend: str, timeout_s: float) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _worker(fn, rank, world_size, port, backend, timeout_s, args, results):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        init_process_group(rank, world_size, port, backend, timeout_s)
+        results.put((rank, "ok", fn(rank, backend, *args)))
+    except BaseException as error:  # noqa: BLE001  (reported to the parent, then re-raised there)
+        results.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: str | None = None,
+          timeout_s: float = 120.0, return_errors: bool = False) -> list:
+    """Run fn(rank, backend, *args) on world_size fresh processes; return the ranks' results.
+
+    A rank that raises, or dies without a result, fails the whole run with RankFailure (or,
+    with return_errors, comes back as an ("error", message) entry). Nothing waits longer than
+    the collective timeout plus a margin."""
+    backend = backend or choose_backend(world_size)
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_worker, args=(fn, rank, world_size, port, backend, timeout_s, args, results),
+                                 daemon=True) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    outcome: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s + 60.0
+    while len(outcome) < world_size and time.monotonic() < deadline:
+        try:
+            rank, status, value = results.get(timeout=0.5)
+            outcome[rank] = (status, value)
+        except queue.Empty:
+            for rank, process in enumerate(processes):
+                if rank not in outcome and not process.is_alive() and process.exitcode not in (0, None):
+                    outcome[rank] = ("error", f"rank {rank} died (exit code {process.exitcode}) without a result")
+    for rank in range(world_size):
+        outcome.setdefault(rank, ("error", f"rank {rank} gave no result within {timeout_s + 60:.0f} s"))
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+    if return_errors:
+        return [value if status == "ok" else ("error", value) for status, value in
+                (outcome[rank] for rank in range(world_size))]
+    failures = [f"rank {rank}: {value}" for rank, (status, value) in sorted(outcome.items()) if status != "ok"]
+    if failures:
+        raise RankFailure("\n".join(failures))
+    return [outcome[rank][1] for rank in range(world_size)]
+
+
+def torchrun_environment() -> tuple[int, int] | None:
+    """(rank, world_size) when started by torchrun, else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None

@@ -1,0 +1,94 @@
+"""Helix configs, the rank layout and the round-robin KV cache (no processes needed)."""
+
+import pytest
+import torch
+
+from helix_ext.parallel.config import HelixConfig, HelixConfigError, RankLayout
+from helix_ext.parallel.kv_cache import HelixKVCache
+
+
+@pytest.mark.parametrize("config, model, message", [
+    (HelixConfig(kvp=2, tpa=4), (8, 2, False, 0), r"tpa \(4\) must be <= the number of KV heads \(2\)"),
+    (HelixConfig(kvp=1, tpa=3), (8, 4, False, 0), r"tpa \(3\) must divide the number of KV heads \(4\)"),
+    (HelixConfig(kvp=4, tpa=1, ep=3), (8, 1, True, 6), r"tpf x ep \(1 x 3\) must equal kvp x tpa = 4"),
+    (HelixConfig(kvp=4, tpa=1, ep=2, tpf=2), (8, 1, True, 5), r"ep \(2\) must divide the number of experts \(5\)"),
+    (HelixConfig(kvp=2, tpa=1, ep=2), (8, 2, False, 0), r"a dense FFN runs TP = N = 2: ep must be 1"),
+    (HelixConfig(kvp=0, tpa=1), (8, 2, False, 0), r"kvp must be >= 1"),
+    (HelixConfig(kvp=2, exchange="fused"), (8, 2, False, 0), r"exchange must be 'nccl'"),
+])
+def test_invalid_configs_name_the_constraint(config, model, message):
+    with pytest.raises(HelixConfigError, match=message):
+        config.validate(*model)
+
+
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, kvp, tpa", [
+    (8, 4, 2, 2), (8, 2, 4, 1), (9, 3, 1, 3), (9, 3, 2, 3), (9, 3, 8, 1), (9, 3, 5, 3), (128, 1, 8, 1)])
+def test_every_query_head_is_merged_by_exactly_one_rank(num_q_heads, num_kv_heads, kvp, tpa):
+    config = HelixConfig(kvp=kvp, tpa=tpa)
+    config.validate(num_q_heads, num_kv_heads, False)
+    merged, tpa_heads = [], set()
+    for rank in range(config.world_size):
+        layout = RankLayout(rank, config, num_q_heads, num_kv_heads)
+        assert layout.tpa_index == rank // kvp and layout.kvp_index == rank % kvp
+        assert set(layout.merged_heads) <= set(layout.q_heads)
+        counts = layout.exchange_head_counts()
+        assert max(counts) - min(counts) <= 1 and sum(counts) == len(layout.q_heads)  # as even as possible
+        merged += list(layout.merged_heads)
+        tpa_heads |= set(layout.kv_heads)
+    assert sorted(merged) == list(range(num_q_heads))
+    assert tpa_heads == set(range(num_kv_heads))
+
+
+def make_cache(kvp, kvp_index, lengths, new_tokens, block=4, layers=2):
+    return HelixKVCache(num_layers=layers, batch=len(lengths), num_kv_heads=2, head_dim_k=8, head_dim_v=8,
+                        block_size=block, kvp=kvp, kvp_index=kvp_index,
+                        capacity_tokens=[n + new_tokens for n in lengths], dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kvp", [1, 2, 3, 5])
+def test_round_robin_deal_and_appends_stay_balanced(kvp):
+    block, lengths, steps = 4, [0, 3, 4, 17, 40], 23
+    caches = [make_cache(kvp, i, lengths, steps, block) for i in range(kvp)]
+    stored = {}  # (rank, layer, sequence, position) -> value written
+
+    def make_block(rank):
+        def fill(layer, sequence, index):
+            count = min(block, lengths[sequence] - index * block)
+            keys = torch.arange(count, dtype=torch.float32).add(index * block).view(count, 1, 1).expand(count, 2, 8)
+            return keys + 1000 * sequence + 100000 * layer, keys
+        return fill
+
+    for rank, cache in enumerate(caches):
+        cache.load_context(lengths, make_block(rank))
+    positions = list(lengths)
+    for step in range(steps):
+        owners = [caches[0].owner(p) for p in positions]
+        for rank, cache in enumerate(caches):
+            slots = cache.begin_step(positions)
+            assert [b for b, _, _ in slots] == [b for b, o in enumerate(owners) if o == rank]
+        positions = [p + 1 for p in positions]
+        held = torch.tensor([c.tokens_held() for c in caches])  # [rank, sequence]
+        assert torch.all(held.sum(0) == torch.tensor(positions))  # every token held exactly once
+        assert torch.all(held.max(0).values - held.min(0).values <= block)  # at most one block apart
+        for cache in caches:  # the device copies follow the host bookkeeping
+            assert cache.seq_lens.tolist() == cache.tokens_held()
+    # The context entries went to the owners of their blocks, at the right offsets.
+    for rank, cache in enumerate(caches):
+        for sequence, length in enumerate(lengths):
+            for position in range(length):
+                if cache.owns(position):
+                    physical, offset = cache._slot(sequence, position)
+                    value = cache.keys[1][physical, offset, 0, 0].item()
+                    assert value == position + 1000 * sequence + 100000
+
+
+def test_owner_follows_blocks_of_tokens_per_block():
+    cache = make_cache(3, 0, [0], 100, block=16)
+    assert [cache.owner(p) for p in (0, 15, 16, 31, 32, 47, 48)] == [0, 0, 1, 1, 2, 2, 0]
+
+
+def test_capacity_is_enforced():
+    cache = make_cache(2, 0, [4], 0, block=4)
+    cache.load_context([4], lambda layer, s, b: (torch.zeros(4, 2, 8), torch.zeros(4, 2, 8)))
+    with pytest.raises(RuntimeError, match="outgrew its capacity"):
+        cache.begin_step([8])  # block 2 belongs to rank 0 but was never provisioned
