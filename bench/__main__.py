@@ -146,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_vs_peer": round(peer_median / median, 2) if peer_median else None,
         }
         report["results"].append(entry)
+        if case.overlap_parts is not None:
+            chunks, attention, exchange = case.overlap_parts
+            t_c, t_m = timer.median_us(attention), timer.median_us(exchange)
+            ideal = max(chunks * t_c + t_m, t_c + chunks * t_m)
+            entry["shape"] += f"; t_c={t_c:.1f}us t_m={t_m:.1f}us ideal={ideal:.1f}us"
+            print(f"  HOP-B overlap: pipelined {median:.1f} us, serial {peer_median:.1f} us, ideal "
+                  f"max(n*t_c + t_m, t_c + n*t_m) = {ideal:.1f} us (t_c {t_c:.1f}, t_m {t_m:.1f}): "
+                  f"{ideal / median:.0%} of ideal")
         peer_text = f"{peer_median:>10.1f} {peer_median / median:>7.2f}x" if peer_median else f"{'-':>10} {'-':>8}"
         print(f"{case.op:<17} {case.shape:<58} {median:>10.1f} {achieved:>9.1f} "
               f"{achieved / copy_gbs:>8.3f} {peer_text}  {peer_name or ''}")

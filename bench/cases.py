@@ -28,6 +28,8 @@ class Case:
     run: Callable[[], object]
     # (name, call) of every peer that can run this shape; the runner reports the fastest.
     peers: list[tuple[str, Callable[[], object]]]
+    # hopb_overlap: the chunk count and the attention / exchange of one chunk, timed alone.
+    overlap_parts: tuple[int, Callable[[], object], Callable[[], object]] | None = None
 
 
 def merge_states_case(num_parts: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
@@ -167,6 +169,63 @@ def quantize_fp4_case(label: str, rows: int, cols: int, fmt: str, given_global: 
     )
 
 
+def _virtual_peers(num_peers: int, rows: int, heads: int, dim: int, dtype: torch.dtype, device: str):
+    """P peers' partial states on one device, each peer's flag for slot 0 raised once and this
+    rank's epoch at 1: every later combine finds its flags ready and just merges."""
+    outs = [torch.randn(rows, heads, dim, device=device, dtype=dtype) for _ in range(num_peers)]
+    lses = [torch.randn(rows, heads, device=device) * 3 for _ in range(num_peers)]
+    flags = [torch.ones(1, dtype=torch.int32, device=device) for _ in range(num_peers)]
+    epoch = torch.ones(1, dtype=torch.int32, device=device)
+    return outs, lses, flags, epoch, torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def hopb_combine_case(num_peers: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: str) -> Case:
+    """The fused combine reading P "peers" (same-device buffers, flags ready): bytes read from
+    the peers + written. Peer: merge_states over the same parts already gathered (what the
+    "nccl" backend runs after its all-to-all)."""
+    outs, lses, flags, epoch, error = _virtual_peers(num_peers, batch, heads, head_dim, dtype, device)
+    stacked_out, stacked_lse = torch.stack(outs), torch.stack(lses)
+    element = outs[0].element_size()
+    bytes_moved = num_peers * batch * heads * (head_dim * element + 4) + batch * heads * (head_dim * element + 4)
+    return Case(
+        op="hopb_combine",
+        shape=f"P={num_peers},B={batch},H={heads},D={head_dim},{_DTYPE_NAMES[dtype]}",
+        bytes_moved=bytes_moved,
+        run=lambda: torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 0, 10.0, error),
+        peers=[("merge_states on gathered parts", lambda: helix_ext.merge_states(stacked_out, stacked_lse))],
+    )
+
+
+def hopb_overlap_case(chunks: int, device: str) -> Case:
+    """HOP-B on one GPU: n batch chunks, each an attention (flash_decode, G2-like, 8 sequences of
+    16384 tokens) then an exchange (the fused combine of 8 virtual peers, D=512). Timed:
+    pipelined (combines on a side stream after events) against serial (one stream); the
+    printed ideal is max(n*t_c + t_m, t_c + n*t_m) from the two timed alone."""
+    attention = flash_decode_case(8, 64, 8, 128, 128, 16384, 64, torch.bfloat16, device, "chunk", peers=())
+    exchange = hopb_combine_case(8, 64, 16, 512, torch.bfloat16, device)
+    side = torch.cuda.Stream() if device == "cuda" else None
+
+    def serial():
+        for _ in range(chunks):
+            attention.run()
+            exchange.run()
+
+    def pipelined():
+        if side is None:
+            return serial()
+        main = torch.cuda.current_stream()
+        for _ in range(chunks):
+            attention.run()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                exchange.run()
+        main.wait_stream(side)
+
+    return Case(op="hopb_overlap", shape=f"n={chunks} chunks: G2-chunk attention + 8-peer combine",
+                bytes_moved=chunks * (attention.bytes_moved + exchange.bytes_moved), run=pipelined,
+                peers=[("serial (one stream)", serial)], overlap_parts=(chunks, attention.run, exchange.run))
+
+
 # The standard shape of each op (the one the cupy cross-check times) comes first.
 STANDARD = {
     "merge_states": dict(num_parts=8, batch=64, heads=128, head_dim=512, dtype=torch.bfloat16),
@@ -174,6 +233,7 @@ STANDARD = {
                          seq_len=131072, block_size=64, kv_dtype=torch.bfloat16, peers=("sdpa_flash", "flex")),
     "fp4_grouped_gemm": dict(label="F1", num_experts=32, n=4096, k=7168, tokens_per_expert=8, fmt="nvfp4"),
     "quantize_fp4": dict(label="Q1", rows=4096, cols=7168, fmt="nvfp4", given_global=False),
+    "hopb_combine": dict(num_peers=8, batch=64, heads=16, head_dim=512, dtype=torch.bfloat16),
 }
 _FP4_GEMM_HEADLINES = [
     dict(label="F2", num_experts=32, n=7168, k=2048, tokens_per_expert=8, fmt="nvfp4"),
@@ -200,7 +260,7 @@ _FLASH_DECODE_HEADLINES = [
 ]
 # Quick mode runs these besides the standard shapes: they carry the issue's targets.
 QUICK_EXTRA = {"merge_states": [], "flash_decode": _FLASH_DECODE_HEADLINES, "fp4_grouped_gemm": _FP4_GEMM_HEADLINES,
-               "quantize_fp4": _QUANTIZE_HEADLINES}
+               "quantize_fp4": _QUANTIZE_HEADLINES, "hopb_combine": []}
 EXTRA = {
     "merge_states": [
         dict(num_parts=2, batch=64, heads=128, head_dim=512, dtype=torch.bfloat16),
@@ -220,6 +280,7 @@ EXTRA = {
         dict(label="P1", num_experts=8, n=4096, k=7168, tokens_per_expert=512, fmt="nvfp4"),  # prefill-sized
     ],
     "quantize_fp4": _QUANTIZE_HEADLINES,
+    "hopb_combine": [dict(num_peers=2, batch=64, heads=64, head_dim=512, dtype=torch.bfloat16)],
 }
 # Tiny shapes for checking the harness itself (tests, --smoke), not for numbers.
 SMOKE = {
@@ -232,9 +293,11 @@ SMOKE = {
     ],
     "fp4_grouped_gemm": [dict(label="smoke", num_experts=4, n=64, k=256, tokens_per_expert=2, fmt="nvfp4")],
     "quantize_fp4": [dict(label="smoke", rows=64, cols=256, fmt="mxfp4", given_global=False)],
+    "hopb_combine": [dict(num_peers=3, batch=4, heads=4, head_dim=64, dtype=torch.bfloat16)],
 }
 BUILDERS = {"merge_states": merge_states_case, "flash_decode": flash_decode_case,
-            "fp4_grouped_gemm": fp4_grouped_gemm_case, "quantize_fp4": quantize_fp4_case}
+            "fp4_grouped_gemm": fp4_grouped_gemm_case, "quantize_fp4": quantize_fp4_case,
+            "hopb_combine": hopb_combine_case}
 
 
 def cases(device: str, mode: str) -> Iterator[Case]:
@@ -250,3 +313,5 @@ def cases(device: str, mode: str) -> Iterator[Case]:
             shapes = [STANDARD[op]] + EXTRA[op]
         for shape in shapes:
             yield builder(device=device, **shape)
+    if device == "cuda" and mode != "smoke":
+        yield hopb_overlap_case(4, device)  # HOP-B overlap efficiency (a side stream needs a GPU)

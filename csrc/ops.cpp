@@ -30,6 +30,10 @@ TORCH_LIBRARY(helix, m) {
         {at::Tag::pt2_compliant_tag});
   m.def("fp4_grouped_gemm(Tensor x, Tensor w, Tensor w_scales, Tensor w_global_scale, Tensor offs, str fmt) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // HOP-B fused exchange (internal to helix_ext.parallel.FusedExchange, which owns the buffers).
+  m.def("hopb_signal(Tensor(a!) flags, Tensor(b!) epoch, int chunk) -> ()");
+  m.def("hopb_combine(Tensor[] peer_out, Tensor[] peer_lse, Tensor[] peer_flags, Tensor epoch, int chunk, "
+        "float timeout_s, Tensor(a!) error) -> (Tensor out, Tensor lse)");
 }
 
 namespace {

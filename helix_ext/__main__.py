@@ -117,7 +117,7 @@ def command_demo(args) -> int:
     make_model = tiny_llama if args.model == "llama" else tiny_deepseek
     model = make_model(dtype=getattr(torch, args.dtype), expert_format=args.experts, seed=args.seed)
     helix = HelixConfig(kvp=args.kvp, tpa=args.tpa, tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
-                        hopb_chunks=args.hopb_chunks)
+                        hopb_chunks=args.hopb_chunks, exchange=args.exchange)
     try:
         helix.validate(model.num_q_heads, model.attention_kv_heads, model.num_experts > 0, model.num_experts)
     except HelixConfigError as error:
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--ep", type=int, default=1, help="MoE: expert-parallel groups (default 1)")
     demo.add_argument("--tokens-per-block", type=int, default=16, help="KV round-robin block (default 16)")
     demo.add_argument("--hopb-chunks", type=int, default=2, help="HOP-B batch chunks, 1 = off (default 2)")
+    demo.add_argument("--exchange", choices=["nccl", "fused"], default="nccl",
+                      help="nccl: all-to-all + merge_states; fused: peers' partials read in place (default nccl)")
     demo.add_argument("--context", type=int, default=32768, help="context tokens per sequence (default 32768)")
     demo.add_argument("--batch", type=int, default=4, help="sequences (default 4)")
     demo.add_argument("--steps", type=int, default=20, help="decode steps (default 20)")

@@ -333,3 +333,24 @@ def _fp4_grouped_gemm_fake(x, w, w_scales, w_global_scale, offs, fmt):
                  lambda: f"fp4_grouped_gemm: offs must be an int32 tensor [E] = [{num_experts}] of cumulative "
                          "group end offsets")
     return x.new_empty((tokens, n))
+
+
+# ----------------------------------------------------------------------------- HOP-B internals
+# hopb_signal / hopb_combine are driven by helix_ext.parallel.FusedExchange, which owns the
+# symmetric (GPU) or shared (CPU) buffers whose views it passes: they are not public API.
+
+
+@torch.library.register_fake("helix::hopb_signal")
+def _hopb_signal_fake(flags, epoch, chunk):
+    return None
+
+
+@torch.library.register_fake("helix::hopb_combine")
+def _hopb_combine_fake(peer_out, peer_lse, peer_flags, epoch, chunk, timeout_s, error):
+    if not peer_out:
+        raise RuntimeError("hopb_combine: needs 1 to 32 peers, got 0")
+    first = peer_out[0]
+    if first.dim() != 3:
+        raise RuntimeError(f"hopb_combine: peer_out[0] must be 3-D [rows, heads, D], got {tuple(first.shape)}")
+    rows, heads, dim = first.shape
+    return first.new_empty((rows, heads, dim)), first.new_empty((rows, heads), dtype=torch.float32)

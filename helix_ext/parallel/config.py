@@ -23,8 +23,10 @@ class HelixConfig:
     tpf: int | None = None       # tensor parallel ranks inside an expert (MoE FFN); default N / ep
     ep: int = 1                  # expert parallel groups (MoE FFN)
     tokens_per_block: int = 16   # KV round-robin unit = paged cache block size
-    exchange: str = "nccl"       # "nccl": torch.distributed all-to-all (NCCL on GPUs, gloo on CPU)
+    exchange: str = "nccl"       # "nccl": torch.distributed all-to-all (NCCL on GPUs, gloo on CPU);
+                                 # "fused": peers' partials read in place (symmetric / shared memory)
     hopb_chunks: int = 1         # HOP-B: batch chunks whose exchange overlaps the next's attention (1 = off)
+    exchange_timeout_s: float = 60.0  # "fused": a peer silent this long fails the step
 
     @property
     def world_size(self) -> int:
@@ -44,8 +46,8 @@ class HelixConfig:
                                    "beyond that TP duplicates the KV cache (use kvp instead)")
         if num_kv_heads % self.tpa:
             raise HelixConfigError(f"tpa ({self.tpa}) must divide the number of KV heads ({num_kv_heads})")
-        if self.exchange not in ("nccl",):
-            raise HelixConfigError(f"exchange must be 'nccl' (the fused backend is not built yet), got {self.exchange!r}")
+        if self.exchange not in ("nccl", "fused"):
+            raise HelixConfigError(f"exchange must be 'nccl' or 'fused', got {self.exchange!r}")
         if moe:
             if self.ffn_tp < 1 or self.ffn_tp * self.ep != self.world_size:
                 raise HelixConfigError(f"tpf x ep ({self.ffn_tp} x {self.ep}) must equal kvp x tpa = {self.world_size}")

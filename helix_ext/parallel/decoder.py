@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from helix_ext.moe import moe_ffn
-from helix_ext.ops import flash_decode, merge_states
+from helix_ext.ops import flash_decode
 from helix_ext.parallel.config import HelixConfig, RankLayout, even_split
 from helix_ext.parallel.exchange import make_exchange
 from helix_ext.parallel.experts import local_experts, route
@@ -92,7 +92,8 @@ class HelixDecoder:
 
         self.cache.load_context(context_lengths, local_block)
         self.exchange = make_exchange(config.exchange, self.layout.exchange_head_counts(), self.layout.kvp_index,
-                                      groups.kvp)
+                                      groups.kvp, max_batch=len(context_lengths), head_dim=dim_v, dtype=model.dtype,
+                                      device=device, max_chunks=config.hopb_chunks, timeout_s=config.exchange_timeout_s)
 
     # ------------------------------------------------------------------ weight shards
     def _shard(self, full: dict[str, torch.Tensor]) -> dict:
@@ -155,6 +156,7 @@ class HelixDecoder:
         dim_v = m.cache_head_dims[1]
         chunks = [c for c in torch.arange(x.shape[0]).tensor_split(self.config.hopb_chunks) if len(c)]
         handles, merged = [], []
+        self.exchange.begin_layer()
         for c, rows in enumerate(chunks):
             b0, b1 = int(rows[0]), int(rows[-1]) + 1
             with self.timers.phase("attention"):
@@ -165,8 +167,7 @@ class HelixDecoder:
                 handles.append(self.exchange.start(out, lse))  # overlaps the next chunk's attention
         with self.timers.phase("exchange"):
             for handle in handles:
-                parts_out, parts_lse = self.exchange.finish(handle)
-                merged.append(merge_states(parts_out, parts_lse)[0])
+                merged.append(self.exchange.finish(handle)[0])
         heads_out = torch.cat(merged)  # [B, merged heads, Dv]
         with self.timers.phase("output"):
             if m.mla:

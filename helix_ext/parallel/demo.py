@@ -138,6 +138,7 @@ def build_report(spec: DemoSpec, ranks: list[dict], helix_seconds: float) -> dic
         "ep": spec.helix.ep,
         "tokens_per_block": spec.helix.tokens_per_block,
         "hopb_chunks": spec.helix.hopb_chunks,
+        "exchange": spec.helix.exchange,
         "model": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(spec.model).items()},
         "context_lengths": spec.context_lengths,
         "decode_steps": spec.steps,
@@ -154,7 +155,7 @@ def format_report(report: dict) -> str:
              f"({report['model']['num_layers']} layers, {report['model']['dtype']}, experts "
              f"{report['model']['expert_format']}), context {report['context_lengths']} tokens, "
              f"{report['decode_steps']} decode steps, tokens_per_block {report['tokens_per_block']}, "
-             f"HOP-B chunks {report['hopb_chunks']}",
+             f"HOP-B chunks {report['hopb_chunks']}, exchange {report['exchange']}",
              f"{'rank':>4} {'tpa':>3} {'kvp':>3} {'KV tokens':>10} {'attention s':>12} {'exchange s':>11} "
              f"{'o_proj s':>9} {'ffn s':>8} {'exchanged B':>12}"]
     for r in report["ranks"]:

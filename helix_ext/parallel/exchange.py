@@ -1,10 +1,14 @@
 """The exchange of Helix's attention: partial outputs and LSEs of every KVP rank, regrouped by
 query head, one all-to-all inside the KVP group, then merged with merge_states.
 
-Backends share one interface, start(out, lse) -> handle and finish(handle) -> (parts_out
-[kvp, B, h, Dv], parts_lse [kvp, B, h]), so HOP-B can start chunk c's exchange and finish it
-while chunk c+1's attention computes, and the fused peer-memory combine can replace the
-collective later without touching the layers.
+Backends share one interface, begin_layer(), start(out, lse) -> handle and finish(handle) ->
+(merged out [B, h, Dv], merged lse [B, h]) for the h query heads this rank owns after the
+exchange, so HOP-B can start chunk c's exchange and finish it while chunk c+1's attention
+computes, and the backends are interchangeable without touching the layers:
+  "nccl":  torch.distributed all-to-all of the partials, then merge_states;
+  "fused": each rank writes its partials into its own symmetric (GPU) or shared (CPU) buffer
+           and raises a flag; every rank then reads its heads' partials from its peers'
+           buffers in place and merges them in one kernel (fused_exchange.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from helix_ext.ops import merge_states
 from helix_ext.parallel.config import split_offsets
 
 
@@ -34,6 +39,9 @@ class CollectiveExchange:
     def kvp(self) -> int:
         return len(self.head_counts)
 
+    def begin_layer(self) -> None:
+        pass
+
     def start(self, out: torch.Tensor, lse: torch.Tensor):
         """out [B, H, Dv], lse [B, H] over this TPA group's H query heads."""
         batch, _, head_dim = out.shape
@@ -55,6 +63,10 @@ class CollectiveExchange:
         return work, receive, (batch, mine, head_dim, out.dtype)
 
     def finish(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
+        return merge_states(*self.receive(handle))
+
+    def receive(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gathered partials of this rank's heads: [kvp, B, h, Dv] and [kvp, B, h]."""
         work, payload, meta = handle
         if self.kvp == 1:
             return payload, meta  # (out[None], lse[None])
@@ -69,7 +81,13 @@ class CollectiveExchange:
         return parts_out, parts_lse
 
 
-def make_exchange(name: str, head_counts: list[int], kvp_index: int, group):
+def make_exchange(name: str, head_counts: list[int], kvp_index: int, group, *, max_batch: int, head_dim: int,
+                  dtype: torch.dtype, device: torch.device, max_chunks: int, timeout_s: float):
     if name == "nccl":
         return CollectiveExchange(head_counts, kvp_index, group)
-    raise ValueError(f"unknown exchange backend {name!r} (available: 'nccl')")
+    if name == "fused":
+        from helix_ext.parallel.fused_exchange import FusedExchange
+
+        return FusedExchange(group, kvp_index, head_counts, max_batch, head_dim, dtype, device,
+                             max_chunks=max_chunks, timeout_s=timeout_s)
+    raise ValueError(f"unknown exchange backend {name!r} (available: 'nccl', 'fused')")

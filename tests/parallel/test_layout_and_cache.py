@@ -14,7 +14,7 @@ from helix_ext.parallel.kv_cache import HelixKVCache
     (HelixConfig(kvp=4, tpa=1, ep=2, tpf=2), (8, 1, True, 5), r"ep \(2\) must divide the number of experts \(5\)"),
     (HelixConfig(kvp=2, tpa=1, ep=2), (8, 2, False, 0), r"a dense FFN runs TP = N = 2: ep must be 1"),
     (HelixConfig(kvp=0, tpa=1), (8, 2, False, 0), r"kvp must be >= 1"),
-    (HelixConfig(kvp=2, exchange="fused"), (8, 2, False, 0), r"exchange must be 'nccl'"),
+    (HelixConfig(kvp=2, exchange="shmem"), (8, 2, False, 0), r"exchange must be 'nccl' or 'fused'"),
 ])
 def test_invalid_configs_name_the_constraint(config, model, message):
     with pytest.raises(HelixConfigError, match=message):

@@ -1,0 +1,96 @@
+// HOP-B fused combine, CPU: peers' partial states are read in place (views of shared-memory
+// buffers mapped into this process) once each peer's flag for the chunk has reached this
+// rank's epoch, and merged with the merge_states math. Flags use C++20 atomic_ref with
+// release (signal) / acquire (combine) ordering, like the GPU kernel's st.release.sys /
+// ld.acquire.sys; a peer that never signals fails the op after timeout_s.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "helix/softmax_merge.h"
+#include "hopb_args.h"
+
+namespace helix {
+namespace {
+
+void hopb_signal_cpu(at::Tensor& flags, at::Tensor& epoch, int64_t chunk) {
+  check_hopb_signal_args(flags, epoch, chunk);
+  TORCH_CHECK(flags.device().is_cpu(), "hopb_signal: flags must be a CPU tensor here");
+  int32_t* epoch_data = epoch.mutable_data_ptr<int32_t>();
+  const int32_t value = ++epoch_data[chunk];
+  // Release: the partial states this rank wrote before are visible to whoever sees the flag.
+  std::atomic_ref<int32_t>(flags.mutable_data_ptr<int32_t>()[chunk]).store(value, std::memory_order_release);
+}
+
+template <typename T>
+void merge_parts(const std::vector<at::Tensor>& peer_out, const std::vector<at::Tensor>& peer_lse, at::Tensor& out,
+                 at::Tensor& lse) {
+  const int parts = static_cast<int>(peer_out.size());
+  const int64_t rows = out.size(0) * out.size(1), dim = out.size(2);
+  std::vector<const T*> values(parts);
+  std::vector<const float*> lses(parts);
+  for (int p = 0; p < parts; ++p) {
+    values[p] = peer_out[p].const_data_ptr<T>();
+    lses[p] = peer_lse[p].const_data_ptr<float>();
+  }
+  T* out_data = out.mutable_data_ptr<T>();
+  float* lse_data = lse.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> accumulator(dim);
+    for (int64_t row = begin; row < end; ++row) {
+      const float total = merged_lse(parts, [&](int p) { return lses[p][row]; });
+      std::fill(accumulator.begin(), accumulator.end(), 0.0f);
+      for (int p = 0; p < parts; ++p) {
+        const float weight = merge_weight(lses[p][row], total);
+        if (weight == 0.0f) continue;
+        const T* part = values[p] + row * dim;
+        for (int64_t d = 0; d < dim; ++d) accumulator[d] += weight * static_cast<float>(part[d]);
+      }
+      for (int64_t d = 0; d < dim; ++d) out_data[row * dim + d] = static_cast<T>(accumulator[d]);
+      lse_data[row] = total;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> hopb_combine_cpu(const std::vector<at::Tensor>& peer_out,
+                                                    const std::vector<at::Tensor>& peer_lse,
+                                                    const std::vector<at::Tensor>& peer_flags,
+                                                    const at::Tensor& epoch, int64_t chunk, double timeout_s,
+                                                    at::Tensor& error) {
+  const auto [rows, heads, dim] =
+      check_hopb_combine_args(peer_out, peer_lse, peer_flags, epoch, chunk, timeout_s, error);
+  TORCH_CHECK(peer_out[0].device().is_cpu(), "hopb_combine: the peer views must be CPU tensors here");
+  const int32_t expected = epoch.const_data_ptr<int32_t>()[chunk];
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  for (size_t p = 0; p < peer_flags.size(); ++p) {
+    std::atomic_ref<int32_t> flag(const_cast<int32_t*>(peer_flags[p].const_data_ptr<int32_t>())[chunk]);
+    int32_t seen;
+    while ((seen = flag.load(std::memory_order_acquire)) < expected) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        error.mutable_data_ptr<int32_t>()[0] = static_cast<int32_t>(p) + 1;
+        TORCH_CHECK(false, "hopb_combine: peer ", p, " did not signal chunk ", chunk, " within ", timeout_s,
+                    " s (its flag is ", seen, ", this rank expects epoch ", expected, ")");
+      }
+      std::this_thread::yield();
+    }
+  }
+  at::Tensor out = at::empty({rows, heads, dim}, peer_out[0].options());
+  at::Tensor lse = at::empty({rows, heads}, peer_out[0].options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hopb_combine_cpu",
+                                  [&] { merge_parts<scalar_t>(peer_out, peer_lse, out, lse); });
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace helix
+
+TORCH_LIBRARY_IMPL(helix, CPU, m) {
+  m.impl("hopb_signal", &helix::hopb_signal_cpu);
+  m.impl("hopb_combine", &helix::hopb_combine_cpu);
+}

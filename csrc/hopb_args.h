@@ -1,0 +1,67 @@
+// Argument checks of the HOP-B fused-combine ops (hopb_signal, hopb_combine), shared by
+// their CPU and CUDA launchers. These ops are internal: helix_ext.parallel.FusedExchange
+// owns the (symmetric / shared) buffers whose views it passes, so no raw pointer crosses
+// the Python API.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+#include "helix/hopb.h"
+
+namespace helix {
+
+inline void check_hopb_signal_args(const at::Tensor& flags, const at::Tensor& epoch, int64_t chunk) {
+  TORCH_CHECK(flags.scalar_type() == at::kInt && flags.dim() == 1 && flags.is_contiguous(),
+              "hopb_signal: flags must be a contiguous 1-D int32 tensor, got ", flags.scalar_type(), " ", flags.sizes());
+  TORCH_CHECK(epoch.scalar_type() == at::kInt && epoch.dim() == 1 && epoch.is_contiguous(),
+              "hopb_signal: epoch must be a contiguous 1-D int32 tensor, got ", epoch.scalar_type(), " ", epoch.sizes());
+  TORCH_CHECK(chunk >= 0 && chunk < flags.size(0) && chunk < epoch.size(0), "hopb_signal: chunk ", chunk,
+              " is outside flags (", flags.size(0), ") or epoch (", epoch.size(0), ")");
+  TORCH_CHECK(flags.device() == epoch.device(), "hopb_signal: flags and epoch must be on one device");
+}
+
+// Returns (rows, heads, head_dim) of the parts.
+inline std::tuple<int64_t, int64_t, int64_t> check_hopb_combine_args(
+    const std::vector<at::Tensor>& peer_out, const std::vector<at::Tensor>& peer_lse,
+    const std::vector<at::Tensor>& peer_flags, const at::Tensor& epoch, int64_t chunk, double timeout_s,
+    const at::Tensor& error) {
+  const size_t peers = peer_out.size();
+  TORCH_CHECK(peers >= 1 && peers <= kHopbMaxPeers, "hopb_combine: needs 1 to ", kHopbMaxPeers,
+              " peers, got ", peers);
+  TORCH_CHECK(peer_lse.size() == peers && peer_flags.size() == peers, "hopb_combine: peer_out, peer_lse and "
+              "peer_flags must list the same peers, got ", peers, ", ", peer_lse.size(), " and ", peer_flags.size());
+  const at::Tensor& first = peer_out[0];
+  TORCH_CHECK(first.dim() == 3, "hopb_combine: peer_out[0] must be 3-D [rows, heads, D], got ", first.sizes());
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "hopb_combine: peer_out must be float32, bfloat16 or float16, got ", dtype);
+  for (size_t i = 0; i < peers; ++i) {
+    TORCH_CHECK(peer_out[i].sizes() == first.sizes() && peer_out[i].scalar_type() == dtype &&
+                    peer_out[i].is_contiguous(),
+                "hopb_combine: peer_out[", i, "] must be contiguous with peer_out[0]'s shape ", first.sizes(),
+                " and dtype ", dtype, ", got ", peer_out[i].sizes(), " ", peer_out[i].scalar_type());
+    TORCH_CHECK(peer_lse[i].scalar_type() == at::kFloat && peer_lse[i].dim() == 2 &&
+                    peer_lse[i].size(0) == first.size(0) && peer_lse[i].size(1) == first.size(1) &&
+                    peer_lse[i].is_contiguous(),
+                "hopb_combine: peer_lse[", i, "] must be a contiguous float32 [rows, heads] = ",
+                first.sizes().slice(0, 2), ", got ", peer_lse[i].scalar_type(), " ", peer_lse[i].sizes());
+    TORCH_CHECK(peer_flags[i].scalar_type() == at::kInt && peer_flags[i].dim() == 1 && chunk >= 0 &&
+                    chunk < peer_flags[i].size(0),
+                "hopb_combine: peer_flags[", i, "] must be a 1-D int32 tensor with a flag for chunk ", chunk);
+    TORCH_CHECK(peer_out[i].device() == first.device() && peer_lse[i].device() == first.device() &&
+                    peer_flags[i].device() == first.device(),
+                "hopb_combine: every peer view must be on ", first.device(), " (peer ", i, " is not)");
+  }
+  TORCH_CHECK(epoch.scalar_type() == at::kInt && epoch.dim() == 1 && chunk < epoch.size(0) &&
+                  epoch.device() == first.device(),
+              "hopb_combine: epoch must be a 1-D int32 tensor on ", first.device(), " with an entry for chunk ", chunk);
+  TORCH_CHECK(error.scalar_type() == at::kInt && error.numel() >= 1 && error.device() == first.device(),
+              "hopb_combine: error must be an int32 tensor on ", first.device());
+  TORCH_CHECK(timeout_s > 0, "hopb_combine: timeout_s must be positive, got ", timeout_s);
+  return {first.size(0), first.size(1), first.size(2)};
+}
+
+}  // namespace helix

@@ -1,0 +1,116 @@
+// HOP-B fused combine, CUDA (torch-free): each CTA first waits, in one thread, until every
+// peer's flag for the chunk has reached this rank's epoch (ld.acquire.sys: the peer's
+// partial states written before its st.release.sys are then visible), with a bounded
+// wall-clock spin that reports the missing peer instead of hanging. Then the CTA merges the
+// peers' partial outputs read in place over peer memory (16-byte loads that bypass the
+// caches, as the buffers are rewritten every step) with the merge_states math in fp32.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "helix/hopb.h"
+#include "helix/softmax_merge.h"
+#include "helix/vec.cuh"
+
+namespace helix {
+
+constexpr int kHopbThreads = 256;
+
+struct HopbCombineParams {
+  const void* peer_out[kHopbMaxPeers];     // [rows, heads, D] each, contiguous
+  const float* peer_lse[kHopbMaxPeers];    // [rows, heads] each
+  const int32_t* peer_flags[kHopbMaxPeers];
+  const int32_t* epoch;                    // this rank's epochs, one per chunk slot
+  int32_t* error;                          // set to 1 + peer on a timeout
+  void* out;                               // [rows, heads, D]
+  float* out_lse;                          // [rows, heads]
+  int64_t rows;                            // rows * heads
+  int64_t head_dim;
+  uint64_t timeout_ns;
+  int num_peers, chunk;
+};
+
+HELIX_DEVICE int32_t load_acquire_system(const int32_t* address) {
+  int32_t value;
+  asm volatile("ld.acquire.sys.global.s32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
+  return value;
+}
+
+HELIX_DEVICE void store_release_system(int32_t* address, int32_t value) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
+}
+
+HELIX_DEVICE uint64_t global_timer_ns() {
+  uint64_t now;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+  return now;
+}
+
+// One thread: bump this chunk slot's epoch and publish it as the flag (after a system fence,
+// so every write of earlier kernels in stream order is visible to peers that see the flag).
+__global__ void hopb_signal_kernel(int32_t* flags, int32_t* epoch, int chunk) {
+  const int32_t value = epoch[chunk] + 1;
+  epoch[chunk] = value;
+  __threadfence_system();
+  store_release_system(flags + chunk, value);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCombineParams params) {
+  __shared__ int ready;
+  if (threadIdx.x == 0) {
+    const int32_t expected = params.epoch[params.chunk];
+    const uint64_t start = global_timer_ns();
+    int missing = 0;
+    for (int p = 0; p < params.num_peers && missing == 0; ++p) {
+      while (load_acquire_system(params.peer_flags[p] + params.chunk) < expected) {
+        if (global_timer_ns() - start > params.timeout_ns) {
+          missing = p + 1;
+          break;
+        }
+        __nanosleep(64);
+      }
+    }
+    if (missing != 0) atomicCAS(params.error, 0, missing);
+    ready = missing == 0;
+  }
+  __syncthreads();  // orders every thread's reads after thread 0's acquire loads
+  if (!ready) return;
+
+  T* out = static_cast<T*>(params.out);
+  const int64_t vectors_per_row = params.head_dim / VEC;
+  const int64_t total = params.rows * vectors_per_row;
+  for (int64_t index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; index < total;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = index / vectors_per_row;
+    const int64_t element = (index - row * vectors_per_row) * VEC;
+    const float total_lse =
+        merged_lse(params.num_peers, [&](int p) { return __ldcv(params.peer_lse[p] + row); });
+    float accumulator[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) accumulator[i] = 0.0f;
+    for (int p = 0; p < params.num_peers; ++p) {
+      const float weight = merge_weight(__ldcv(params.peer_lse[p] + row), total_lse);
+      if (weight == 0.0f) continue;  // an absent part is never read
+      const T* part = static_cast<const T*>(params.peer_out[p]) + row * params.head_dim + element;
+      ElementVector<T, VEC> values;
+      if constexpr (sizeof(ElementVector<T, VEC>) == 16) {
+        const uint4 raw = __ldcv(reinterpret_cast<const uint4*>(part));
+        values = *reinterpret_cast<const ElementVector<T, VEC>*>(&raw);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) values.elements[i] = __ldcv(part + i);
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) accumulator[i] += weight * ElementTraits<T>::to_float(values.elements[i]);
+    }
+    ElementVector<T, VEC> result;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) result.elements[i] = ElementTraits<T>::from_float(accumulator[i]);
+    store_vector<T, VEC>(out + row * params.head_dim + element, result);
+    if (element == 0) params.out_lse[row] = total_lse;
+  }
+}
+
+}  // namespace helix

@@ -1,0 +1,164 @@
+"""The "fused" exchange backend: HOP-B's combine reading the peers' partial states in place.
+
+Every rank of a KVP group owns one buffer that all of them can address: on GPUs a tensor of
+torch's symmetric memory (`torch.distributed._symmetric_memory`: peer mapping over NVLink,
+multi-node NVLink domains included, is torch's), on the CPU a shared-memory file per rank
+mapped by every rank of the machine. Layout (bytes):
+
+    [flags: one int32 per chunk slot, padded to 256 B]
+    [slot 0: for each destination j: out [max_rows, heads_j, D] then lse [max_rows, heads_j]]
+    [slot 1: ...] ...
+
+start(out, lse) writes this rank's partials into its own buffer, destination by destination,
+then `hopb_signal` bumps the slot's epoch (kept in device memory, so graph replays never see
+last step's flag) and publishes it as the slot's flag with release semantics. finish(handle)
+runs `hopb_combine`: wait (acquire, bounded) until every peer's flag for the slot reaches
+this rank's epoch, read each peer's region for this rank, merge with the merge_states math.
+A buffer is rewritten only in the next layer, after the output projection's all-reduce,
+which no rank passes before every rank has finished its combines: no further handshake.
+On GPUs the combine runs on a side stream, after an event of the compute stream, so chunk
+c's combine overlaps chunk c+1's attention (HOP-B).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import torch
+import torch.distributed as dist
+
+from helix_ext.parallel.config import split_offsets
+
+_FLAG_BYTES = 256
+
+
+class FusedExchange:
+    name = "fused"
+
+    def __init__(self, group, kvp_index: int, head_counts: list[int], max_batch: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, *, max_chunks: int = 1, timeout_s: float = 60.0):
+        self.group, self.kvp_index, self.head_counts = group, kvp_index, head_counts
+        self.max_rows, self.head_dim, self.dtype, self.device = max_batch, head_dim, dtype, device
+        self.max_chunks, self.timeout_s = max_chunks, timeout_s
+        self.element = torch.empty((), dtype=dtype).element_size()
+        # Byte offsets of (slot, destination) regions; out then lse, each 16-byte aligned.
+        self.region_bytes = [self._aligned(max_batch * h * head_dim * self.element) + self._aligned(max_batch * h * 4)
+                             for h in head_counts]
+        self.slot_bytes = sum(self.region_bytes)
+        self.total_bytes = _FLAG_BYTES + max_chunks * self.slot_bytes
+        if max_chunks * 4 > _FLAG_BYTES:
+            raise ValueError(f"FusedExchange: at most {_FLAG_BYTES // 4} chunks in flight, got {max_chunks}")
+        self._files: list[str] = []
+        self._handle = None
+        self.buffers = self._allocate()  # [peer] uint8 views, in KVP-group order; mine at kvp_index
+        self.epoch = torch.zeros(max_chunks, dtype=torch.int32, device=device)
+        self.error = torch.zeros(1, dtype=torch.int32, device=device)
+        self.bytes_sent = 0  # bytes peers read from this rank's buffer
+        self._slot = 0
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @staticmethod
+    def _aligned(nbytes: int) -> int:
+        return (nbytes + 15) // 16 * 16
+
+    @property
+    def kvp(self) -> int:
+        return len(self.head_counts)
+
+    # ---------------------------------------------------------------- buffers
+    def _allocate(self) -> list[torch.Tensor]:
+        if self.device.type == "cuda":
+            import torch.distributed._symmetric_memory as symm_mem
+
+            local = symm_mem.empty(self.total_bytes, dtype=torch.uint8, device=self.device)
+            local.zero_()
+            self._handle = symm_mem.rendezvous(local, self.group)
+            self._handle.barrier()
+            return [local if peer == self.kvp_index else
+                    self._handle.get_remote_tensor(peer, (self.total_bytes,), torch.uint8)
+                    for peer in range(self.kvp)]
+        # CPU: one shared-memory file per rank, named from a token rank 0 of the group draws.
+        token = [secrets.token_hex(8) if self.kvp_index == 0 else None]
+        dist.broadcast_object_list(token, src=dist.get_global_rank(self.group, 0), group=self.group)
+        paths = [f"/dev/shm/helix-fused-{token[0]}-{peer}" for peer in range(self.kvp)]
+        local = torch.from_file(paths[self.kvp_index], shared=True, size=self.total_bytes, dtype=torch.uint8)
+        local.zero_()
+        self._files = [paths[self.kvp_index]]
+        dist.barrier(group=self.group)  # every file exists (zeroed) before anyone maps it
+        buffers = [local if peer == self.kvp_index else
+                   torch.from_file(paths[peer], shared=True, size=self.total_bytes, dtype=torch.uint8)
+                   for peer in range(self.kvp)]
+        dist.barrier(group=self.group)  # everyone mapped every file: the names can go
+        os.unlink(paths[self.kvp_index])
+        self._files = []
+        return buffers
+
+    def _flags(self, peer: int) -> torch.Tensor:
+        return self.buffers[peer][:self.max_chunks * 4].view(torch.int32)
+
+    def _region(self, peer: int, slot: int, destination: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of peer's region for `destination` in `slot`: out [rows, h, D], lse [rows, h]."""
+        heads = self.head_counts[destination]
+        start = _FLAG_BYTES + slot * self.slot_bytes + sum(self.region_bytes[:destination])
+        out_bytes = rows * heads * self.head_dim * self.element
+        out = self.buffers[peer][start:start + out_bytes].view(self.dtype).view(rows, heads, self.head_dim)
+        lse_start = start + self._aligned(self.max_rows * heads * self.head_dim * self.element)
+        lse = self.buffers[peer][lse_start:lse_start + rows * heads * 4].view(torch.float32).view(rows, heads)
+        return out, lse
+
+    # ---------------------------------------------------------------- exchange
+    def begin_layer(self) -> None:
+        self._slot = 0
+
+    def start(self, out: torch.Tensor, lse: torch.Tensor):
+        """Publish this rank's partials (out [rows, H, Dv], lse [rows, H]) for every destination."""
+        rows = out.shape[0]
+        if rows > self.max_rows or self._slot >= self.max_chunks:
+            raise ValueError(f"FusedExchange: {rows} rows in slot {self._slot} exceed the buffer "
+                             f"({self.max_rows} rows, {self.max_chunks} slots)")
+        slot = self._slot
+        self._slot += 1
+        for destination, (offset, count) in enumerate(zip(split_offsets(self.head_counts), self.head_counts)):
+            region_out, region_lse = self._region(self.kvp_index, slot, destination, rows)
+            region_out.copy_(out[:, offset:offset + count])
+            region_lse.copy_(lse[:, offset:offset + count])
+            if destination != self.kvp_index:
+                self.bytes_sent += region_out.numel() * self.element + region_lse.numel() * 4
+        torch.ops.helix.hopb_signal(self._flags(self.kvp_index), self.epoch, slot)
+        event = None
+        if self._stream is not None:
+            event = torch.cuda.Event()
+            event.record()
+        return slot, rows, event
+
+    def finish(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for every peer's partials of this slot and merge them: (out [rows, h, Dv], lse [rows, h])."""
+        slot, rows, event = handle
+        views = [self._region(peer, slot, self.kvp_index, rows) for peer in range(self.kvp)]
+        flags = [self._flags(peer) for peer in range(self.kvp)]
+        arguments = ([v[0] for v in views], [v[1] for v in views], flags, self.epoch, slot, self.timeout_s, self.error)
+        if self._stream is None:
+            return torch.ops.helix.hopb_combine(*arguments)
+        compute = torch.cuda.current_stream(self.device)
+        self._stream.wait_event(event)
+        with torch.cuda.stream(self._stream):
+            out, lse = torch.ops.helix.hopb_combine(*arguments)
+        compute.wait_stream(self._stream)
+        out.record_stream(compute)
+        lse.record_stream(compute)
+        if not torch.cuda.is_current_stream_capturing():
+            self.check()
+        return out, lse
+
+    def check(self) -> None:
+        """Raise if a combine timed out waiting for a peer (a device sync on GPUs)."""
+        missing = int(self.error.item())
+        if missing:
+            raise RuntimeError(f"FusedExchange: KVP peer {missing - 1} did not signal within {self.timeout_s} s")
+
+    def close(self) -> None:
+        for path in self._files:
+            if os.path.exists(path):
+                os.unlink(path)
+        self._files = []

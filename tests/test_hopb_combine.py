@@ -1,0 +1,172 @@
+"""HOP-B fused combine ops (hopb_signal, hopb_combine) on "virtual ranks": P peer buffers in
+one process (on the CPU, or on one GPU), compared with merge_states. The multi-process
+protocol (shared / symmetric buffers, epochs, buffer reuse) is tested through the runtime in
+tests/parallel/test_fused_exchange.py."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+import helix_ext
+from conftest import DEVICES
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+def virtual_peers(num_peers, rows, heads, dim, dtype, device, slots=4, signal_slot=None):
+    outs = [torch.randn(rows, heads, dim, device=device).to(dtype) for _ in range(num_peers)]
+    lses = [torch.randn(rows, heads, device=device) * 3 for _ in range(num_peers)]
+    if num_peers > 1 and rows and heads:
+        lses[1][0, 0] = float("-inf")  # an absent part, holding garbage
+        outs[1][0, 0] = float("nan")
+    flags = [torch.zeros(slots, dtype=torch.int32, device=device) for _ in range(num_peers)]
+    epoch = torch.zeros(slots, dtype=torch.int32, device=device)
+    if signal_slot is not None:
+        for f in flags:  # each peer publishes the slot once...
+            torch.ops.helix.hopb_signal(f, torch.zeros(slots, dtype=torch.int32, device=device), signal_slot)
+        own = torch.zeros(slots, dtype=torch.int32, device=device)
+        torch.ops.helix.hopb_signal(own, epoch, signal_slot)  # ...and so does this rank (epoch 1)
+    return outs, lses, flags, epoch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_signal_bumps_the_epoch_and_publishes_it(device):
+    flags = torch.zeros(3, dtype=torch.int32, device=device)
+    epoch = torch.zeros(3, dtype=torch.int32, device=device)
+    for expected in (1, 2, 3):
+        torch.ops.helix.hopb_signal(flags, epoch, 1)
+        assert flags.tolist() == [0, expected, 0] and epoch.tolist() == [0, expected, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_peers", [1, 2, 3, 8])
+@pytest.mark.parametrize("dim", [7, 128])
+def test_combine_equals_merge_states(device, dtype, num_peers, dim):
+    outs, lses, flags, epoch = virtual_peers(num_peers, 6, 5, dim, dtype, device, signal_slot=2)
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    out, lse = torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 2, 5.0, error)
+    expected_out, expected_lse = helix_ext.merge_states(torch.stack(outs), torch.stack(lses))
+    # The same merge math in the same part order: the same bits.
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    assert error.item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_peer_that_never_signals_is_reported(device):
+    outs, lses, flags, epoch = virtual_peers(3, 4, 2, 16, torch.float32, device, signal_slot=0)
+    torch.ops.helix.hopb_signal(flags[0], torch.zeros_like(epoch), 1)  # peer 0 signals slot 1...
+    own = torch.zeros_like(epoch)
+    torch.ops.helix.hopb_signal(own, epoch, 1)  # ...this rank too; peers 1 and 2 never do
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    start = time.monotonic()
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"peer 1 did not signal chunk 1 within 0.3 s"):
+            torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 1, 0.3, error)
+    else:
+        torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 1, 0.3, error)
+        torch.cuda.synchronize()
+    assert error.item() == 2  # 1 + the first missing peer
+    assert time.monotonic() - start < 30
+
+
+def test_combine_waits_for_a_late_peer_on_the_cpu():
+    outs, lses, flags, epoch = virtual_peers(2, 3, 2, 8, torch.float32, "cpu", signal_slot=0)
+    late = torch.zeros(4, dtype=torch.int32)
+    flags[1] = late  # peer 1 signals only after a while, from another thread
+    threading.Timer(0.2, lambda: torch.ops.helix.hopb_signal(late, torch.zeros(4, dtype=torch.int32), 0)).start()
+    out, _ = torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 0, 10.0, torch.zeros(1, dtype=torch.int32))
+    assert torch.equal(out, helix_ext.merge_states(torch.stack(outs), torch.stack(lses))[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    outs, lses, flags, epoch = virtual_peers(2, 3, 2, 8, torch.float32, device, signal_slot=0)
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    cases = [
+        (([], [], [], epoch, 0, 1.0, error), r"needs 1 to 32 peers, got 0"),
+        ((outs, lses[:1], flags, epoch, 0, 1.0, error), r"must list the same peers"),
+        ((outs, lses, flags, epoch, 9, 1.0, error), r"with a flag for chunk 9"),
+        (([outs[0], outs[1][:, :1]], lses, flags, epoch, 0, 1.0, error), r"peer_out\[1\] must be contiguous"),
+        ((outs, [lses[0], lses[1].double()], flags, epoch, 0, 1.0, error), r"peer_lse\[1\] must be a contiguous float32"),
+        (([o.int() for o in outs], lses, flags, epoch, 0, 1.0, error), r"must be float32, bfloat16 or float16"),
+        ((outs, lses, flags, epoch, 0, 0.0, error), r"timeout_s must be positive"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.helix.hopb_combine(*args)
+    with pytest.raises(RuntimeError, match=r"chunk 5 is outside flags"):
+        torch.ops.helix.hopb_signal(flags[0], epoch, 5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    outs, lses, flags, epoch = virtual_peers(3, 4, 2, 16, torch.bfloat16, device, signal_slot=0)
+    outs[1][0, 0] = 0.0  # opcheck compares outputs; keep the garbage finite
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.helix.hopb_combine.default, (outs, lses, flags, epoch, 0, 5.0, error))
+    torch.library.opcheck(torch.ops.helix.hopb_signal.default, (flags[0].clone(), epoch.clone(), 1))
+
+
+@pytest.mark.gpu
+def test_peers_on_concurrent_streams():
+    # Peers play on their own streams: they write their partials late and signal; the combine
+    # (a few co-resident CTAs) spins until then.
+    outs, lses, flags, epoch = virtual_peers(4, 8, 4, 128, torch.bfloat16, "cuda")
+    own = torch.zeros_like(epoch)
+    torch.ops.helix.hopb_signal(own, epoch, 0)
+    finals = [(o.clone(), l.clone()) for o, l in zip(outs, lses)]
+    for o, l in zip(outs, lses):
+        o.zero_()
+        l.fill_(float("-inf"))
+    torch.cuda.synchronize()
+    error = torch.zeros(1, dtype=torch.int32, device="cuda")
+    combine_stream = torch.cuda.Stream()
+    with torch.cuda.stream(combine_stream):
+        out, lse = torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 0, 20.0, error)
+    for peer, (o, l) in enumerate(finals):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(1_000_000)  # let the combine start spinning first
+            outs[peer].copy_(o)
+            lses[peer].copy_(l)
+            torch.ops.helix.hopb_signal(flags[peer], torch.zeros_like(epoch), 0)
+    torch.cuda.synchronize()
+    assert error.item() == 0
+    expected = helix_ext.merge_states(torch.stack([o for o, _ in finals]), torch.stack([l for _, l in finals]))
+    torch.testing.assert_close((out, lse), expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_graph_replays_see_new_inputs_and_epochs():
+    # Captured: each peer's signal then this rank's signal then the combine. 1000 replays with
+    # the inputs changed between them: the device-side epochs advance, no replay reads a stale flag.
+    outs, lses, flags, epoch = virtual_peers(4, 16, 8, 64, torch.bfloat16, "cuda")
+    peer_epochs = [torch.zeros_like(epoch) for _ in flags]
+    own = torch.zeros_like(epoch)
+    error = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def step():
+        for f, e in zip(flags, peer_epochs):
+            torch.ops.helix.hopb_signal(f, e, 0)
+        torch.ops.helix.hopb_signal(own, epoch, 0)
+        return torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 0, 10.0, error)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    for replay in range(1000):
+        for o, l in zip(outs, lses):
+            o.copy_(torch.randn_like(o, dtype=torch.float32))
+            l.copy_(torch.randn_like(l) * 3)
+        graph.replay()
+        if replay % 100 == 99 or replay < 3:
+            expected = helix_ext.merge_states(torch.stack(outs), torch.stack(lses))
+            torch.testing.assert_close((out, lse), expected, rtol=0, atol=0)
+    torch.cuda.synchronize()
+    assert error.item() == 0 and epoch[0].item() == 1001  # one eager step, then 1000 replays
