@@ -338,6 +338,7 @@ def _fp4_grouped_gemm_fake(x, w, w_scales, w_global_scale, offs, fmt):
 # ----------------------------------------------------------------------------- HOP-B internals
 # hopb_signal / hopb_combine are driven by helix_ext.parallel.FusedExchange, which owns the
 # symmetric (GPU) or shared (CPU) buffers whose views it passes: they are not public API.
+INTERNAL_OPS = frozenset({"hopb_signal", "hopb_combine"})
 
 
 @torch.library.register_fake("helix::hopb_signal")

@@ -34,7 +34,12 @@ def test_build_info_shape():
 
 
 def test_every_op_has_a_python_wrapper():
+    from helix_ext.ops import INTERNAL_OPS
+
     for op in op_names():
+        if op in INTERNAL_OPS:  # driven by helix_ext.parallel.FusedExchange, not public API
+            assert not hasattr(helix_ext, op)
+            continue
         wrapper = getattr(helix_ext, op)
         assert wrapper.__doc__, f"helix_ext.{op} has no docstring"
 
