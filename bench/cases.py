@@ -15,9 +15,9 @@ import math
 import torch
 
 import helix_ext
+from bench.traffic import (fp4_grouped_gemm_traffic, flash_decode_traffic, hopb_combine_traffic,
+                           merge_states_traffic, quantize_fp4_traffic)
 from helix_ext.reference import merge_states_reference, quantize_fp4_reference
-
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8"}
 
 
 @dataclass
@@ -36,14 +36,11 @@ def merge_states_case(num_parts: int, batch: int, heads: int, head_dim: int, dty
                       device: str) -> Case:
     parts_out = torch.randn(num_parts, batch, heads, head_dim, dtype=dtype, device=device)
     parts_lse = torch.randn(num_parts, batch, heads, device=device) * 4
-    element = parts_out.element_size()
-    rows = batch * heads
-    bytes_moved = (num_parts * rows * head_dim * element + num_parts * rows * 4  # read parts
-                   + rows * head_dim * element + rows * 4)  # write the merged state
+    traffic = merge_states_traffic(num_parts, batch, heads, head_dim, dtype)
     return Case(
         op="merge_states",
-        shape=f"P={num_parts},B={batch},H={heads},D={head_dim},{_DTYPE_NAMES[dtype]}",
-        bytes_moved=bytes_moved,
+        shape=traffic.shape,
+        bytes_moved=traffic.bytes_moved,
         run=lambda: helix_ext.merge_states(parts_out, parts_lse),
         peers=[("eager torch (same math, fp32)",
                 lambda: merge_states_reference(parts_out, parts_lse, compute_dtype=torch.float32))],
@@ -92,12 +89,8 @@ def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_
     v_scale = torch.tensor(1.0, device=device) if fp8 and not mla else None
     head_dim_v_arg = head_dim_v if mla else -1
 
-    kv_element = torch.empty((), dtype=kv_dtype).element_size()
-    kv_bytes = batch * seq_len * num_kv_heads * (head_dim_k + (0 if mla else head_dim_v)) * kv_element
-    bytes_moved = (kv_bytes + q.numel() * 2 + batch * num_q_heads * head_dim_v * 2 + batch * num_q_heads * 4)
-    layout = "contiguous" if block_size is None else f"paged{block_size}"
-    shape = (f"{label}:B={batch},Hq={num_q_heads},Hkv={num_kv_heads},D={head_dim_k}"
-             f"{'/' + str(head_dim_v) if mla else ''},L={seq_len},{_DTYPE_NAMES[kv_dtype]},{layout}")
+    traffic = flash_decode_traffic(label, batch, num_q_heads, num_kv_heads, head_dim_k, head_dim_v, seq_len,
+                                   block_size, kv_dtype)
 
     # Peers: bf16 K/V as [B, Hkv, L, D] contiguous, queries grouped per KV head.
     group = num_q_heads // num_kv_heads
@@ -113,8 +106,8 @@ def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_
                            _flex_peer(peer_q, peer_keys, peer_values.contiguous(), scale)))
     return Case(
         op="flash_decode",
-        shape=shape,
-        bytes_moved=bytes_moved,
+        shape=traffic.shape,
+        bytes_moved=traffic.bytes_moved,
         run=lambda: helix_ext.flash_decode(q, k_cache, v_cache, block_table, seq_lens, scale, head_dim_v_arg,
                                            k_scale, v_scale),
         peers=candidates,
@@ -135,8 +128,7 @@ def fp4_grouped_gemm_case(label: str, num_experts: int, n: int, k: int, tokens_p
     w_global = global_scale.reshape(1).expand(num_experts).contiguous()
     x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
     offs = torch.arange(1, num_experts + 1, device=device, dtype=torch.int32) * tokens_per_expert
-    bytes_moved = (w.numel() + w_scales.numel() + w_global.numel() * 4 + offs.numel() * 4
-                   + x.numel() * 2 + tokens * n * 2)
+    traffic = fp4_grouped_gemm_traffic(label, num_experts, n, k, tokens_per_expert, fmt)
     dense_t = dense.view(num_experts, n, k).transpose(-2, -1)  # [E, K, N] as _grouped_mm takes it
 
     def dequantize_then_grouped_mm():
@@ -145,8 +137,8 @@ def fp4_grouped_gemm_case(label: str, num_experts: int, n: int, k: int, tokens_p
 
     return Case(
         op="fp4_grouped_gemm",
-        shape=f"{label}:E={num_experts},N={n},K={k},T={tokens},{fmt}",
-        bytes_moved=bytes_moved,
+        shape=traffic.shape,
+        bytes_moved=traffic.bytes_moved,
         run=lambda: helix_ext.fp4_grouped_gemm(x, w, w_scales, w_global, offs, fmt),
         peers=[("torch._grouped_mm (bf16 weights)", lambda: torch._grouped_mm(x, dense_t, offs=offs)),
                ("dequantize_fp4 + torch._grouped_mm", dequantize_then_grouped_mm)],
@@ -155,15 +147,13 @@ def fp4_grouped_gemm_case(label: str, num_experts: int, n: int, k: int, tokens_p
 
 def quantize_fp4_case(label: str, rows: int, cols: int, fmt: str, given_global: bool, device: str) -> Case:
     """Quantize a bf16 matrix; NVFP4 either derives its global scale (an amax pass) or takes one."""
-    block = 16 if fmt == "nvfp4" else 32
     x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
     global_scale = torch.tensor(0.001, device=device) if given_global else None
-    bytes_moved = x.numel() * 2 + x.numel() // 2 + x.numel() // block + 4
-    variant = "given global" if given_global else ("amax" if fmt == "nvfp4" else "")
+    traffic = quantize_fp4_traffic(label, rows, cols, fmt, given_global)
     return Case(
         op="quantize_fp4",
-        shape=f"{label}:M={rows},K={cols},bf16,{fmt}{',' + variant if variant else ''}",
-        bytes_moved=bytes_moved,
+        shape=traffic.shape,
+        bytes_moved=traffic.bytes_moved,
         run=lambda: helix_ext.quantize_fp4(x, fmt, global_scale),
         peers=[("eager torch (same math, reference)", lambda: quantize_fp4_reference(x, fmt, global_scale))],
     )
@@ -185,12 +175,11 @@ def hopb_combine_case(num_peers: int, batch: int, heads: int, head_dim: int, dty
     "nccl" backend runs after its all-to-all)."""
     outs, lses, flags, epoch, error = _virtual_peers(num_peers, batch, heads, head_dim, dtype, device)
     stacked_out, stacked_lse = torch.stack(outs), torch.stack(lses)
-    element = outs[0].element_size()
-    bytes_moved = num_peers * batch * heads * (head_dim * element + 4) + batch * heads * (head_dim * element + 4)
+    traffic = hopb_combine_traffic(num_peers, batch, heads, head_dim, dtype)
     return Case(
         op="hopb_combine",
-        shape=f"P={num_peers},B={batch},H={heads},D={head_dim},{_DTYPE_NAMES[dtype]}",
-        bytes_moved=bytes_moved,
+        shape=traffic.shape,
+        bytes_moved=traffic.bytes_moved,
         run=lambda: torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 0, 10.0, error),
         peers=[("merge_states on gathered parts", lambda: helix_ext.merge_states(stacked_out, stacked_lse))],
     )

@@ -12,6 +12,8 @@
 
 #if HELIX_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "cuda/kernel_info.h"
 #endif
 
 TORCH_LIBRARY(helix, m) {
@@ -75,4 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "helix-ext native library: registers torch.ops.helix.* and reports its build.";
   m.def("build_info", &build_info,
         "How this library was built: torch and CUDA versions, compiled archs, CUDA skip reason.");
+#if HELIX_WITH_CUDA
+  m.def("kernel_launch_info", &helix::kernel_launch_info,
+        "Threads, dynamic shared memory and tile shapes of every CUDA kernel configuration.");
+#endif
 }

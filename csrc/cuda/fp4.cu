@@ -32,14 +32,22 @@ void launch_quantize(const Fp4QuantizeParams& params, bool vector, int device, c
 template <typename T>
 void run_quantize(const at::Tensor& x, Fp4QuantizeParams& params, bool need_amax, const Fp4Format& format,
                   const at::Tensor& amax, int device, cudaStream_t stream) {
+  // 16-byte loads need every block's start aligned: the base pointer and the row stride (K
+  // is a multiple of the block, so each row holds whole 16-byte vectors).
+  const bool vector = is_aligned(x.data_ptr(), 16) && (params.x_stride_row * int64_t{x.element_size()}) % 16 == 0;
   if (need_amax) {
-    amax_kernel<T><<<grid_for(params.rows * params.cols, device), kFp4Threads, 0, stream>>>(
-        static_cast<const T*>(params.x), params.rows, params.cols, params.x_stride_row,
-        reinterpret_cast<uint32_t*>(amax.mutable_data_ptr<int32_t>()));
+    constexpr int kVec = 16 / sizeof(T);
+    const auto* source = static_cast<const T*>(params.x);
+    uint32_t* amax_bits = reinterpret_cast<uint32_t*>(amax.mutable_data_ptr<int32_t>());
+    if (vector) {
+      amax_kernel<T, kVec><<<grid_for(params.rows * params.cols / kVec, device), kFp4Threads, 0, stream>>>(
+          source, params.rows, params.cols, params.x_stride_row, amax_bits);
+    } else {
+      amax_kernel<T, 1><<<grid_for(params.rows * params.cols, device), kFp4Threads, 0, stream>>>(
+          source, params.rows, params.cols, params.x_stride_row, amax_bits);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  // 16-byte loads need every block's start aligned: the base pointer and the row stride.
-  const bool vector = is_aligned(x.data_ptr(), 16) && (params.x_stride_row * int64_t{x.element_size()}) % 16 == 0;
   if (format.nvfp4) {
     launch_quantize<T, kNvfp4Block>(params, vector, device, stream);
   } else {

@@ -25,6 +25,7 @@
 #include <stdint.h>
 
 #include "helix/fp4.h"
+#include "helix/fp4_gemm_config.h"
 #include "helix/mma.cuh"
 
 namespace helix {
@@ -44,17 +45,6 @@ struct Fp4GemmParams {
   bool rows_16b_aligned;  // K/2 % 16 == 0: weight rows allow 16-byte loads
 };
 
-constexpr int kFp4GemmThreads = 128;
-constexpr int kFp4GemmTileN = 128;      // output columns per CTA (32 per warp)
-constexpr int kFp4GemmChunk = 128;      // K elements per pipeline step
-constexpr int kFp4GemmStages = 3;       // activation chunks in flight (shared memory)
-constexpr int kFp4GemmXRow = kFp4GemmChunk + 8;  // padded shared-memory row (elements)
-constexpr size_t kFp4GemmLutBytes = 256 * 32 * sizeof(uint32_t);
-
-// Shared memory of the kernel that handles M_TILES * 16 activation rows per pass.
-constexpr size_t fp4_gemm_smem_bytes(int m_tiles) {
-  return kFp4GemmLutBytes + size_t(kFp4GemmStages) * 16 * m_tiles * kFp4GemmXRow * sizeof(__nv_bfloat16);
-}
 
 namespace detail {
 
@@ -276,8 +266,8 @@ __global__ void __launch_bounds__(kFp4GemmThreads) fp4_grouped_gemm_kernel(const
 }
 
 // Sums the k-split partials of every row in a group (in split order: deterministic) and
-// writes zeros past offs[-1].
-__global__ void __launch_bounds__(256) fp4_grouped_gemm_finalize_kernel(const Fp4GemmParams params) {
+// writes zeros past offs[-1]. (static: a non-template kernel defined in a header.)
+static __global__ void __launch_bounds__(256) fp4_grouped_gemm_finalize_kernel(const Fp4GemmParams params) {
   const int64_t total = int64_t{params.tokens} * params.n;
   int last_row = params.offs[params.num_experts - 1];
   last_row = last_row < 0 ? 0 : (last_row > params.tokens ? params.tokens : last_row);

@@ -28,15 +28,19 @@ struct Fp4QuantizeParams {
 
 constexpr int kFp4Threads = 256;
 
-template <typename T>
+// VEC elements per load: 16 bytes when every row starts 16-byte aligned (the launcher
+// checks), else 1.
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kFp4Threads)
     amax_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t stride_row, uint32_t* amax_bits) {
   float local = 0.0f;
-  const int64_t total = rows * cols;
+  const int64_t vectors_per_row = cols / VEC, total = rows * vectors_per_row;
   for (int64_t index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; index < total;
        index += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t row = index / cols, col = index - row * cols;
-    local = max_ignoring_nan(local, absolute(ElementTraits<T>::to_float(x[row * stride_row + col])));
+    const int64_t row = index / vectors_per_row, col = (index - row * vectors_per_row) * VEC;
+    const auto values = load_streaming<T, VEC>(x + row * stride_row + col);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) local = max_ignoring_nan(local, absolute(ElementTraits<T>::to_float(values.elements[i])));
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {

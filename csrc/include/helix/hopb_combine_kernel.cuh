@@ -15,8 +15,6 @@
 
 namespace helix {
 
-constexpr int kHopbThreads = 256;
-
 struct HopbCombineParams {
   const void* peer_out[kHopbMaxPeers];     // [rows, heads, D] each, contiguous
   const float* peer_lse[kHopbMaxPeers];    // [rows, heads] each
@@ -49,7 +47,8 @@ HELIX_DEVICE uint64_t global_timer_ns() {
 
 // One thread: bump this chunk slot's epoch and publish it as the flag (after a system fence,
 // so every write of earlier kernels in stream order is visible to peers that see the flag).
-__global__ void hopb_signal_kernel(int32_t* flags, int32_t* epoch, int chunk) {
+// (static: a non-template kernel defined in a header must not clash across translation units.)
+static __global__ void hopb_signal_kernel(int32_t* flags, int32_t* epoch, int chunk) {
   const int32_t value = epoch[chunk] + 1;
   epoch[chunk] = value;
   __threadfence_system();
