@@ -120,43 +120,42 @@ at::Tensor fp4_grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const 
   check_global_scale_values("fp4_grouped_gemm", "w_global_scale", w_global_scale);
   at::Tensor y = at::zeros({shape.tokens, shape.n}, x.options());  // rows past offs[-1] stay zero
   if (shape.tokens == 0 || shape.n == 0) return y;
-  const at::Tensor activations = x.to(at::kFloat).contiguous();
+  const at::Tensor activations = x.to(at::kFloat);
   const at::Tensor weights = w.contiguous(), scales = w_scales.contiguous();
   const at::Tensor globals = w_global_scale.contiguous(), ends = offs.contiguous();
-  const float* x_data = activations.const_data_ptr<float>();
   const uint8_t* w_data = weights.const_data_ptr<uint8_t>();
   const uint8_t* scale_data = static_cast<const uint8_t*>(scales.const_data_ptr());
   const float* global_data = globals.const_data_ptr<float>();
   const int32_t* end_data = ends.const_data_ptr<int32_t>();
-  at::BFloat16* y_data = y.mutable_data_ptr<at::BFloat16>();
-  const int64_t k = shape.k, blocks = k / format.block, n_chunk = 32;
-  const int64_t chunks = (shape.n + n_chunk - 1) / n_chunk;
-
-  // Work items: (expert, chunk of output columns); each dequantizes its weight rows once.
-  at::parallel_for(0, shape.num_experts * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(k);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = item / chunks, first_n = (item % chunks) * n_chunk;
-      const int64_t row_begin = e == 0 ? 0 : end_data[e - 1], row_end = end_data[e];
-      if (row_begin == row_end) continue;
-      for (int64_t n = first_n; n < std::min(first_n + n_chunk, shape.n); ++n) {
+  const int64_t k = shape.k, blocks = k / format.block;
+  float codes[16];
+  for (uint32_t c = 0; c < 16; ++c) codes[c] = e2m1_to_float(c);
+  // Per expert with tokens: its weights dequantized once into fp32 (a code's value times its
+  // block multiplier: the very products dequantize_fp4 makes), then one fp32 GEMM over the
+  // expert's rows, times the global scale, rounded to bf16.
+  at::Tensor expert_weights = at::empty({shape.n, k}, x.options().dtype(at::kFloat));
+  float* dequantized = expert_weights.mutable_data_ptr<float>();
+  for (int64_t e = 0; e < shape.num_experts; ++e) {
+    const int64_t row_begin = e == 0 ? 0 : end_data[e - 1], row_end = end_data[e];
+    if (row_begin == row_end) continue;
+    at::parallel_for(0, shape.n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
         const uint8_t* w_row = w_data + (e * shape.n + n) * (k / 2);
         const uint8_t* scale_row = scale_data + (e * shape.n + n) * blocks;
+        float* out_row = dequantized + n * k;
         for (int64_t b = 0; b < blocks; ++b) {
           const float multiplier = block_multiplier(scale_row, b, format.nvfp4, 1.0f);
-          for (int64_t i = b * format.block; i < (b + 1) * format.block; ++i) {
-            row[i] = dequantize_fp4_element(w_row[i / 2], static_cast<int>(i % 2), multiplier);
+          for (int64_t i = b * format.block; i < (b + 1) * format.block; i += 2) {
+            const uint8_t byte = w_row[i / 2];
+            out_row[i] = codes[byte & 0xFu] * multiplier;
+            out_row[i + 1] = codes[byte >> 4] * multiplier;
           }
         }
-        for (int64_t t = row_begin; t < row_end; ++t) {
-          const float* x_row = x_data + t * k;
-          float sum = 0.0f;
-          for (int64_t i = 0; i < k; ++i) sum += x_row[i] * row[i];
-          y_data[t * shape.n + n] = static_cast<at::BFloat16>(sum * global_data[e]);
-        }
       }
-    }
-  });
+    });
+    at::Tensor rows = at::mm(activations.slice(0, row_begin, row_end), expert_weights.t());
+    y.slice(0, row_begin, row_end).copy_(rows.mul_(global_data[e]));
+  }
   return y;
 }
 
