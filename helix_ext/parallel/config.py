@@ -125,8 +125,13 @@ class RankLayout:
     def tpf_index(self) -> int:
         return self.rank % self.config.ffn_tp
 
-    def ffn_slice(self, ffn_dim: int, parts: int, index: int) -> range:
-        sizes = even_split(ffn_dim, parts)
+    def ffn_slice(self, ffn_dim: int, parts: int, index: int, granule: int = 1) -> range:
+        """Part `index` of `parts` near-equal slices of the FFN dim, made of whole `granule`s
+        (FP4: quantization blocks); ranks past the last granule get an empty slice."""
+        if ffn_dim % granule:
+            raise HelixConfigError(f"the FFN dim ({ffn_dim}) must be a multiple of {granule} to be split in "
+                                   f"whole blocks of {granule}")
+        sizes = [units * granule for units in even_split(ffn_dim // granule, parts)]
         start = split_offsets(sizes)[index]
         return range(start, start + sizes[index])
 

@@ -27,6 +27,7 @@ from helix_ext.ops import flash_decode
 from helix_ext.parallel.config import HelixConfig, RankLayout, even_split
 from helix_ext.parallel.exchange import make_exchange
 from helix_ext.parallel.experts import local_experts, route
+from helix_ext.parallel.ffn import DenseFfn, ffn_granule
 from helix_ext.parallel.kv_cache import HelixKVCache
 from helix_ext.parallel.models import (ModelConfig, apply_rope, context_block, make_weights, mla_query_and_entry,
                                        rms_norm, swiglu)
@@ -67,7 +68,12 @@ class HelixDecoder:
     """The rank's shards of every weight, its KV cache shard, and the decode step."""
 
     def __init__(self, model: ModelConfig, config: HelixConfig, rank: int, groups: HelixGroups,
-                 context_lengths: list[int], max_new_tokens: int, device: torch.device):
+                 context_lengths: list[int], max_new_tokens: int, device: torch.device,
+                 weights: dict | None = None, context=None):
+        """weights: the whole model's weights by helix name (default: drawn from model.seed),
+        with optional precomputed FP4 FFN codes under "layers.{i}.ffn.fp4"; context(layer,
+        sequence, block) -> (keys [n, Hkv, Dk], values [n, Hkv, Dv] or None) of all KV heads
+        (default: synthesized), e.g. a prefill's cache; only the blocks this rank owns are asked for."""
         config.validate(model.num_q_heads, model.attention_kv_heads, model.num_experts > 0, model.num_experts)
         if dist.get_world_size() != config.world_size:
             raise ValueError(f"the process group has {dist.get_world_size()} ranks, the Helix config needs "
@@ -75,7 +81,8 @@ class HelixDecoder:
         self.model, self.config, self.rank, self.groups, self.device = model, config, rank, groups, device
         self.layout = RankLayout(rank, config, model.num_q_heads, model.attention_kv_heads)
         self.timers = PhaseTimers(device)
-        full = {k: v.to(model.dtype) for k, v in make_weights(model).items()}
+        full = weights if weights is not None else make_weights(model)
+        full = {k: v.to(model.dtype) if isinstance(v, torch.Tensor) else v for k, v in full.items()}
         self.w = self._shard(full)
         dim_k, dim_v = model.cache_head_dims
         self.cache = HelixKVCache(
@@ -85,9 +92,13 @@ class HelixDecoder:
             capacity_tokens=[n + max_new_tokens for n in context_lengths], dtype=model.dtype, device=device)
         kv = self.layout.kv_heads
 
+        def synthesized(layer, sequence, block):
+            return context_block(model, layer, sequence, block, context_lengths[sequence], config.tokens_per_block)
+
+        source = context or synthesized
+
         def local_block(layer, sequence, block):
-            keys, values = context_block(model, layer, sequence, block, context_lengths[sequence],
-                                         config.tokens_per_block)
+            keys, values = source(layer, sequence, block)
             return keys[:, kv.start:kv.stop], None if values is None else values[:, kv.start:kv.stop]
 
         self.cache.load_context(context_lengths, local_block)
@@ -128,10 +139,9 @@ class HelixDecoder:
                 w[p + "shared.up"] = full[p + "shared.up"][shared.start:shared.stop].to(dev)
                 w[p + "shared.down"] = full[p + "shared.down"][:, shared.start:shared.stop].contiguous().to(dev)
             else:
-                cols = lay.ffn_slice(m.ffn_dim, n, self.rank)
-                w[p + "ffn.gate"] = full[p + "ffn.gate"][cols.start:cols.stop].to(dev)
-                w[p + "ffn.up"] = full[p + "ffn.up"][cols.start:cols.stop].to(dev)
-                w[p + "ffn.down"] = full[p + "ffn.down"][:, cols.start:cols.stop].contiguous().to(dev)
+                cols = lay.ffn_slice(m.ffn_dim, n, self.rank, ffn_granule(m.ffn_format))
+                w[p + "ffn"] = DenseFfn.from_full(m.ffn_format, full[p + "ffn.gate"], full[p + "ffn.up"],
+                                                  full[p + "ffn.down"], cols, dev, full.get(p + "ffn.fp4"))
         return w
 
     # ------------------------------------------------------------------ attention
@@ -188,7 +198,7 @@ class HelixDecoder:
                 y = moe_ffn(expert_input, ids, weights, gate_up, down, w[p + "experts.first"]).to(h.dtype)
                 y = y + swiglu(h, w[p + "shared.gate"], w[p + "shared.up"], w[p + "shared.down"])
             else:
-                y = swiglu(h, w[p + "ffn.gate"], w[p + "ffn.up"], w[p + "ffn.down"])
+                y = w[p + "ffn"](h)
             dist.all_reduce(y, group=self.groups.world)
         return y
 

@@ -149,6 +149,18 @@ def build_report(spec: DemoSpec, ranks: list[dict], helix_seconds: float) -> dic
     }
 
 
+def format_rank_table(ranks: list[dict]) -> str:
+    """Per rank: its place, KV tokens held, seconds per phase, bytes it sent in the exchange."""
+    lines = [f"{'rank':>4} {'tpa':>3} {'kvp':>3} {'KV tokens':>10} {'attention s':>12} {'exchange s':>11} "
+             f"{'o_proj s':>9} {'ffn s':>8} {'exchanged B':>12}"]
+    for r in ranks:
+        s = r["seconds"]
+        lines.append(f"{r['rank']:>4} {r['tpa_index']:>3} {r['kvp_index']:>3} {r['kv_tokens_held']:>10} "
+                     f"{s.get('attention', 0):>12.3f} {s.get('exchange', 0):>11.3f} {s.get('output', 0):>9.3f} "
+                     f"{s.get('ffn', 0):>8.3f} {r['exchange_bytes_sent']:>12}")
+    return "\n".join(lines)
+
+
 def format_report(report: dict) -> str:
     lines = [f"Helix decode: {report['world_size']} ranks (kvp={report['kvp']} x tpa={report['tpa']}; "
              f"FFN tpf={report['tpf']} x ep={report['ep']}), model {report['model']['family']} "
@@ -156,13 +168,7 @@ def format_report(report: dict) -> str:
              f"{report['model']['expert_format']}), context {report['context_lengths']} tokens, "
              f"{report['decode_steps']} decode steps, tokens_per_block {report['tokens_per_block']}, "
              f"HOP-B chunks {report['hopb_chunks']}, exchange {report['exchange']}",
-             f"{'rank':>4} {'tpa':>3} {'kvp':>3} {'KV tokens':>10} {'attention s':>12} {'exchange s':>11} "
-             f"{'o_proj s':>9} {'ffn s':>8} {'exchanged B':>12}"]
-    for r in report["ranks"]:
-        s = r["seconds"]
-        lines.append(f"{r['rank']:>4} {r['tpa_index']:>3} {r['kvp_index']:>3} {r['kv_tokens_held']:>10} "
-                     f"{s.get('attention', 0):>12.3f} {s.get('exchange', 0):>11.3f} {s.get('output', 0):>9.3f} "
-                     f"{s.get('ffn', 0):>8.3f} {r['exchange_bytes_sent']:>12}")
+             format_rank_table(report["ranks"])]
     verdict = "MATCH" if report["matches_reference"] else "MISMATCH"
     tolerance = report["tolerance"]
     lines.append(f"single-rank reference: {verdict} (tokens {'equal' if report['tokens_match'] else 'differ'}, "

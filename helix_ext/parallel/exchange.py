@@ -73,6 +73,9 @@ class CollectiveExchange:
         if work is not None:
             work.wait()
         batch, heads, head_dim, dtype = meta
+        if heads == 0:  # more KVP ranks than heads: this one merges none (it only sent)
+            return (torch.empty(self.kvp, batch, 0, head_dim, dtype=dtype, device=payload.device),
+                    torch.empty(self.kvp, batch, 0, dtype=torch.float32, device=payload.device))
         element = torch.empty((), dtype=dtype).element_size()
         out_bytes, lse_bytes = batch * heads * head_dim * element, batch * heads * 4
         chunks = payload.view(self.kvp, out_bytes + lse_bytes)

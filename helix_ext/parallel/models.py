@@ -46,6 +46,8 @@ class ModelConfig:
     num_shared_experts: int = 1
     first_dense_layers: int = 1
     expert_format: str = "dense"   # "dense" (plain weights in the model dtype) or "nvfp4" / "mxfp4"
+    ffn_format: str = "none"       # dense FFN layers: "none", "bf16", "nvfp4", "mxfp4" (helix_ext.parallel.ffn)
+    name: str = ""                 # a real model's name ("" for the seeded tiny ones)
     dtype: torch.dtype = torch.float32
     seed: int = 0
 
@@ -151,12 +153,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half) of x [B, heads, d] at positions [B]."""
+    """Rotary embedding (rotate-half) of x [B, heads, d] at positions [B].
+
+    The arithmetic is Hugging Face transformers' Llama rotary embedding, step for step in
+    float32 (inverse frequencies ``1 / theta ** (2i / d)``, angles ``position * inv_freq``,
+    cos/sin of those), so a real model decodes with the very bits transformers uses: at
+    position 4000 a float64 angle already differs from the float32 one by ~1e-4 rad."""
     d = x.shape[-1]
-    inverse = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    angles = positions.to(torch.float64).unsqueeze(-1) * inverse  # [B, d/2]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).unsqueeze(1).to(torch.float32)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).unsqueeze(1).to(torch.float32)
+    inverse = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+    angles = positions.to(device=x.device, dtype=torch.float32).unsqueeze(-1) * inverse.to(x.device)  # [B, d/2]
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+    cos, sin = angles.cos(), angles.sin()
     x32 = x.float()
     rotated = torch.cat([-x32[..., d // 2:], x32[..., :d // 2]], dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)
@@ -224,7 +231,9 @@ class ReferenceDecoder:
     def _ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         c, w, p = self.config, self.w, f"layers.{layer}."
         if not c.is_moe_layer(layer):
-            return swiglu(x, w[p + "ffn.gate"], w[p + "ffn.up"], w[p + "ffn.down"])
+            from helix_ext.parallel.ffn import DenseFfn
+            return DenseFfn.from_full(c.ffn_format, w[p + "ffn.gate"], w[p + "ffn.up"], w[p + "ffn.down"], None,
+                                      x.device)(x)
         from helix_ext.parallel.experts import reference_expert_weights, route
         gate_up, down = reference_expert_weights(c, w, p)
         ids, weights = route(x, w[p + "router"], c.top_k)

@@ -1,0 +1,223 @@
+"""The main job: a real model (SmolLM2-135M-Instruct) decoding under Helix on N CPU ranks (or
+GPUs), token for token against Hugging Face transformers.
+
+1. transformers runs its own greedy ``generate`` on the chat-templated prompt: the reference
+   text and logits. Its first forward is the prefill: the prompt's KV cache and the first new
+   token come from it (prefill is not what Helix parallelizes).
+2. N = KVP x TPA ranks start; each takes its TPA group's heads, its TP slices of the
+   projections and FFN, and its blocks of the prompt's KV (block b on KVP rank b % kvp).
+3. The ranks decode the rest under Helix: owner-only, staggered KV appends, flash_decode on
+   the shard, all-to-all + merge_states, TP output projection and FFN with all-reduces.
+4. Rank 0's tokens and logits are compared with transformers'.
+
+The model and the prefill KV reach the spawned ranks through shared memory (torch
+multiprocessing), not copies; under torchrun every rank loads the model and prefills itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from helix_ext.parallel.config import HelixConfig
+from helix_ext.parallel.decoder import HelixDecoder, HelixGroups
+from helix_ext.parallel.demo import format_rank_table
+from helix_ext.parallel.launch import rank_device, spawn
+from helix_ext.parallel.models import ModelConfig
+
+# How far the runtime's logits may lie from transformers' (SmolLM2's logits reach ~40):
+#  "none": fp32 noise only (other summation orders in sharded matmuls, all-reduces, flash_decode
+#          vs SDPA); measured 4e-5 on short prompts, 1.3e-4 on the 3.6K-token demo prompt.
+#  FP4/bf16 FFN: fp4_grouped_gemm returns bf16, so each TP rank's partial FFN output is rounded
+#          to bf16 before the all-reduce, where the single-rank reference rounds the whole sum
+#          once: measured 0.3-0.5 at TP = 2-3. Tokens may then differ only at a near-tie (the
+#          reference's margin between the two tokens within the tolerance).
+LOGIT_TOLERANCE = {"none": 1e-3, "fp4": 1.0}
+
+
+def logit_tolerance(ffn_format: str) -> float:
+    return LOGIT_TOLERANCE["none" if ffn_format == "none" else "fp4"]
+
+
+@dataclass
+class ModelRun:
+    model: ModelConfig
+    helix: HelixConfig
+    weights: dict
+    keys: list[torch.Tensor]      # per layer [T, Hkv, D]: the prompt's KV from the prefill
+    values: list[torch.Tensor]
+    first_token: int
+    max_new_tokens: int
+    eos_token_id: int | None
+
+
+def run_model_rank(rank: int, backend: str, run: ModelRun) -> dict:
+    device = rank_device(backend, rank)
+    groups = HelixGroups(run.helix, rank)
+    prompt_tokens = run.keys[0].shape[0]
+    block = run.helix.tokens_per_block
+
+    def prefill_block(layer, sequence, index):
+        rows = slice(index * block, min((index + 1) * block, prompt_tokens))
+        return run.keys[layer][rows], run.values[layer][rows]
+
+    decoder = HelixDecoder(run.model, run.helix, rank, groups, [prompt_tokens], run.max_new_tokens, device,
+                           weights=run.weights, context=prefill_block)
+    tokens, logits = [run.first_token], []
+    position = prompt_tokens
+    start = time.perf_counter()
+    while len(tokens) < run.max_new_tokens and tokens[-1] != run.eos_token_id:
+        step_logits = decoder.step(torch.tensor([tokens[-1]]), [position])[0].cpu()
+        logits.append(step_logits)
+        tokens.append(int(step_logits.argmax()))
+        position += 1
+    result = {
+        "rank": rank,
+        "tpa_index": decoder.layout.tpa_index,
+        "kvp_index": decoder.layout.kvp_index,
+        "q_heads": [decoder.layout.q_heads.start, decoder.layout.q_heads.stop],
+        "merged_heads": [decoder.layout.merged_heads.start, decoder.layout.merged_heads.stop],
+        "kv_tokens_held": sum(decoder.cache.tokens_held()),
+        "seconds": dict(decoder.timers.seconds),
+        "exchange_bytes_sent": decoder.exchange.bytes_sent,
+        "decode_seconds": time.perf_counter() - start,
+        "device": str(device),
+    }
+    if rank == 0:
+        result["tokens"] = tokens
+        result["logits"] = torch.stack(logits) if logits else torch.empty(0, run.model.vocab_size)
+    return result
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def prepare(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: HelixConfig, verbose: bool = False):
+    """Load the model, run transformers' reference (with the same FFN format), and build the
+    ranks' work. Returns (run, context dict for the report)."""
+    from helix_ext.parallel import hf_model
+
+    started = time.perf_counter()
+    model, tokenizer = hf_model.load_model(verbose=verbose)
+    config = hf_model.model_config(model.config, ffn_format)
+    helix.validate(config.num_q_heads, config.num_kv_heads, moe=False)
+    user_text = prompt if prompt is not None else hf_model.needle_prompt()
+    ids = hf_model.chat_ids(tokenizer, user_text)
+    if len(ids) + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"{model.config.max_position_embeddings}-token context")
+    load_seconds = time.perf_counter() - started
+    weights = hf_model.helix_weights(model, ffn_format)
+    if verbose:
+        print(f"{config.name}: prompt of {len(ids)} tokens; transformers generates the reference "
+              f"(its prefill also makes the KV the ranks are dealt)...", flush=True)
+    with hf_model.helix_ffn(model, weights, ffn_format):
+        reference = hf_model.reference_generate(model, ids, max_new_tokens)
+    context = {"tokenizer": tokenizer, "prompt_ids": ids, "reference": reference, "load_seconds": load_seconds,
+               "user_text": user_text, "unquantized_tokens": None}
+    if ffn_format != "none":  # how far the FFN format's greedy text follows the unquantized model's
+        context["unquantized_tokens"] = hf_model.reference_generate(model, ids, max_new_tokens).tokens
+    run = ModelRun(model=config, helix=helix, weights=weights, keys=reference.keys, values=reference.values,
+                   first_token=reference.tokens[0], max_new_tokens=max_new_tokens,
+                   eos_token_id=tokenizer.eos_token_id)
+    return run, context
+
+
+def compare(run: ModelRun, context: dict, ranks: list[dict], helix_seconds: float) -> dict:
+    tokenizer, reference = context["tokenizer"], context["reference"]
+    tokens, logits = ranks[0]["tokens"], ranks[0]["logits"]
+    tokens_match = tokens == reference.tokens
+    agreeing = agreeing_prefix(tokens, reference.tokens)
+    # Runtime step j consumed tokens[:j + 1] and made token j + 1, as transformers' logits[j + 1]
+    # did: compared while both saw the same tokens (up to and including a divergent step).
+    steps = min(len(logits), len(reference.logits) - 1, agreeing)
+    diffs = (logits[:steps] - reference.logits[1:steps + 1]).abs().amax(dim=-1)
+    max_abs_diff = float(diffs.max()) if steps else 0.0
+    logits_finite = bool(torch.isfinite(logits).all())
+    tolerance = logit_tolerance(run.model.ffn_format)
+    logits_match = logits_finite and max_abs_diff <= tolerance
+    near_tie, margin = False, None
+    if not tokens_match and agreeing < min(len(tokens), len(reference.tokens)):
+        chosen, expected = tokens[agreeing], reference.tokens[agreeing]
+        margin = float(reference.logits[agreeing][expected] - reference.logits[agreeing][chosen])
+        near_tie = margin <= tolerance
+    exact = run.model.ffn_format == "none"
+    matches = logits_match and (tokens_match or (near_tie and not exact))
+    report = {
+        "model": run.model.name,
+        "ffn_format": run.model.ffn_format,
+        "prompt_tokens": len(context["prompt_ids"]),
+        "generated_text": tokenizer.decode(tokens, skip_special_tokens=True),
+        "reference_text": tokenizer.decode(reference.tokens, skip_special_tokens=True),
+        "generated_tokens": tokens,
+        "reference_tokens": reference.tokens,
+        "matches_reference": matches,
+        "tokens_match": tokens_match,
+        "tokens_agreeing": agreeing,
+        "divergence_margin": margin,
+        "divergence_is_near_tie": near_tie,
+        "logits_match": logits_match,
+        "logits_finite": logits_finite,
+        "max_abs_logit_diff": max_abs_diff,
+        "logit_tolerance": tolerance,
+        "world_size": run.helix.world_size,
+        "kvp": run.helix.kvp,
+        "tpa": run.helix.tpa,
+        "tokens_per_block": run.helix.tokens_per_block,
+        "hopb_chunks": run.helix.hopb_chunks,
+        "exchange": run.helix.exchange,
+        "kv_blocks": math.ceil(len(context["prompt_ids"]) / run.helix.tokens_per_block),
+        "decode_steps": len(logits),
+        "load_seconds": context["load_seconds"],
+        "reference_seconds": reference.seconds,
+        "helix_wall_seconds": helix_seconds,
+        "tokens_per_rank": [r["kv_tokens_held"] for r in ranks],
+        "ranks": [{k: v for k, v in r.items() if k not in ("tokens", "logits")} for r in ranks],
+    }
+    if context["unquantized_tokens"] is not None:
+        report["unquantized_reference_text"] = tokenizer.decode(context["unquantized_tokens"], skip_special_tokens=True)
+        report["tokens_agreeing_with_unquantized"] = agreeing_prefix(tokens, context["unquantized_tokens"])
+    return report
+
+
+def run_model_demo(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: HelixConfig,
+                   timeout_s: float = 600.0, verbose: bool = False) -> dict:
+    run, context = prepare(prompt, max_new_tokens, ffn_format, helix, verbose)
+    if verbose:
+        print(f"decoding under Helix on {helix.world_size} ranks (kvp={helix.kvp} x tpa={helix.tpa})...", flush=True)
+    started = time.perf_counter()
+    ranks = spawn(run_model_rank, helix.world_size, (run,), timeout_s=timeout_s)
+    return compare(run, context, ranks, time.perf_counter() - started)
+
+
+def format_model_report(report: dict) -> str:
+    fp4 = report["ffn_format"] != "none"
+    lines = [f"{report['model']} under Helix: {report['world_size']} ranks (kvp={report['kvp']} x tpa={report['tpa']}, "
+             f"FFN TP={report['world_size']}, FFN weights {report['ffn_format']}), prompt {report['prompt_tokens']} tokens "
+             f"= {report['kv_blocks']} KV blocks of {report['tokens_per_block']} dealt round-robin, "
+             f"{report['decode_steps']} Helix decode steps (the first new token comes from the prefill)",
+             format_rank_table(report["ranks"]),
+             "",
+             f"Helix:        {report['generated_text']!r}",
+             f"transformers: {report['reference_text']!r}" + (f"  (with the same {report['ffn_format']} FFN)" if fp4 else "")]
+    if fp4:
+        lines.append(f"unquantized:  {report['unquantized_reference_text']!r}  "
+                     f"({report['tokens_agreeing_with_unquantized']} tokens agree before the first divergence)")
+    verdict = "IDENTICAL token for token" if report["tokens_match"] else (
+        f"DIFFERENT after {report['tokens_agreeing']} tokens (transformers' margin there "
+        f"{report['divergence_margin']:.3g}: {'a near-tie' if report['divergence_is_near_tie'] else 'not a near-tie'})")
+    lines.append(f"{verdict}; max |logit diff| {report['max_abs_logit_diff']:.2e} over {report['decode_steps']} steps "
+                 f"(tolerance {report['logit_tolerance']:g}); {'MATCH' if report['matches_reference'] else 'MISMATCH'}")
+    lines.append(f"(load {report['load_seconds']:.1f} s, transformers generate {report['reference_seconds']:.1f} s, "
+                 f"Helix ranks {report['helix_wall_seconds']:.1f} s wall incl. start-up)")
+    return "\n".join(lines)
