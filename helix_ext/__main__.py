@@ -1,8 +1,10 @@
 """Command line of helix-ext.
 
-  python -m helix_ext demo      the main job: decode a long context under Helix parallelism
-                                on N spawned ranks (or under torchrun) and check it against
-                                the same model on one rank
+  python -m helix_ext demo      the main job: SmolLM2-135M-Instruct answers a question about a
+                                long document, decoding under Helix parallelism on N spawned
+                                ranks (or under torchrun), token for token against Hugging Face
+                                transformers; --model llama|deepseek: the seeded tiny models
+                                over a synthesized 32K context, checked against one rank
   python -m helix_ext kernels   the ops alone: an exact merge of sharded attention, timed
   python -m helix_ext info      how the native library was built, and the GPU present now
 """
@@ -107,6 +109,59 @@ def command_kernels(args) -> int:
 
 
 def command_demo(args) -> int:
+    if args.model == "smollm2":
+        return command_model_demo(args)
+    return command_tiny_demo(args)
+
+
+def command_model_demo(args) -> int:
+    import torch.distributed as dist
+
+    from helix_ext.parallel.config import HelixConfig, HelixConfigError
+    from helix_ext.parallel.hf_model import MODEL_HEADS, ModelUnavailable
+    from helix_ext.parallel.launch import choose_backend, torchrun_environment
+    from helix_ext.parallel.model_demo import compare, format_model_report, prepare, run_model_demo, run_model_rank
+
+    kvp = 2 if args.kvp is None else args.kvp
+    tpa = 3 if args.tpa is None else args.tpa
+    helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=args.tokens_per_block, hopb_chunks=args.hopb_chunks,
+                        exchange=args.exchange)
+    if args.max_new_tokens < 1:
+        print("--max-new-tokens must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        helix.validate(*MODEL_HEADS, moe=False)  # before loading the model
+        environment = torchrun_environment()
+        if environment is None:
+            report = run_model_demo(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, timeout_s=args.timeout,
+                                    verbose=not args.json)
+        else:
+            rank, world_size = environment
+            if world_size != helix.world_size:
+                print(f"torchrun started {world_size} ranks but kvp x tpa = {helix.world_size}", file=sys.stderr)
+                return 2
+            run, context = prepare(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, verbose=False)
+            backend = choose_backend(world_size)
+            dist.init_process_group(backend)
+            start = time.perf_counter()
+            result = run_model_rank(rank, backend, run)
+            gathered = [None] * world_size if rank == 0 else None
+            dist.gather_object(result, gathered, dst=0)
+            dist.destroy_process_group()
+            if rank != 0:
+                return 0
+            report = compare(run, context, gathered, time.perf_counter() - start)
+    except (HelixConfigError, ModelUnavailable, ValueError) as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_model_report(report))
+    return 0 if report["matches_reference"] else 1
+
+
+def command_tiny_demo(args) -> int:
     import torch.distributed as dist
 
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
@@ -116,7 +171,9 @@ def command_demo(args) -> int:
 
     make_model = tiny_llama if args.model == "llama" else tiny_deepseek
     model = make_model(dtype=getattr(torch, args.dtype), expert_format=args.experts, seed=args.seed)
-    helix = HelixConfig(kvp=args.kvp, tpa=args.tpa, tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
+    default_tpa = 1 if args.model == "deepseek" else 2
+    helix = HelixConfig(kvp=2 if args.kvp is None else args.kvp, tpa=default_tpa if args.tpa is None else args.tpa,
+                        tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
                         hopb_chunks=args.hopb_chunks, exchange=args.exchange)
     try:
         helix.validate(model.num_q_heads, model.attention_kv_heads, model.num_experts > 0, model.num_experts)
@@ -156,22 +213,32 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="build and runtime information").set_defaults(run=command_info)
-    demo = commands.add_parser("demo", help="the main job: Helix decode on N ranks vs the single-rank model")
-    demo.add_argument("--model", choices=["llama", "deepseek"], default="llama",
-                      help="llama: GQA + dense FFN; deepseek: MLA + MoE (default llama)")
-    demo.add_argument("--kvp", type=int, default=2, help="KV-parallel ranks per TPA group (default 2)")
-    demo.add_argument("--tpa", type=int, default=2, help="tensor-parallel ranks over KV heads (default 2; 1 for MLA)")
+    demo = commands.add_parser("demo", help="the main job: SmolLM2 under Helix on N ranks vs transformers")
+    demo.add_argument("--model", choices=["smollm2", "llama", "deepseek"], default="smollm2",
+                      help="smollm2: SmolLM2-135M-Instruct (real weights, checked against transformers); "
+                           "llama (GQA + dense FFN) or deepseek (MLA + MoE): seeded tiny models over a "
+                           "synthesized context, checked against one rank (default smollm2)")
+    demo.add_argument("--kvp", type=int, default=None, help="KV-parallel ranks per TPA group (default 2)")
+    demo.add_argument("--tpa", type=int, default=None,
+                      help="tensor-parallel ranks over KV heads (default 3 for smollm2: 1 or 3; 2 for llama; 1 for MLA)")
+    demo.add_argument("--prompt", default=None,
+                      help="smollm2: the user message (chat template applied); default: ~3,600 tokens of Python "
+                           "documentation with a fact hidden in the middle and a question about it at the end")
+    demo.add_argument("--max-new-tokens", type=int, default=32, help="smollm2: tokens to generate (default 32)")
+    demo.add_argument("--ffn-fp4", choices=["none", "nvfp4", "mxfp4"], default="none",
+                      help="smollm2: FFN weights quantized with quantize_fp4 and run by fp4_grouped_gemm (default none)")
     demo.add_argument("--tpf", type=int, default=None, help="MoE: tensor-parallel ranks per expert (default N / ep)")
     demo.add_argument("--ep", type=int, default=1, help="MoE: expert-parallel groups (default 1)")
     demo.add_argument("--tokens-per-block", type=int, default=16, help="KV round-robin block (default 16)")
     demo.add_argument("--hopb-chunks", type=int, default=2, help="HOP-B batch chunks, 1 = off (default 2)")
     demo.add_argument("--exchange", choices=["nccl", "fused"], default="nccl",
                       help="nccl: all-to-all + merge_states; fused: peers' partials read in place (default nccl)")
-    demo.add_argument("--context", type=int, default=32768, help="context tokens per sequence (default 32768)")
-    demo.add_argument("--batch", type=int, default=4, help="sequences (default 4)")
-    demo.add_argument("--steps", type=int, default=20, help="decode steps (default 20)")
-    demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    demo.add_argument("--experts", choices=["dense", "nvfp4", "mxfp4"], default="dense", help="MoE expert weights")
+    demo.add_argument("--context", type=int, default=32768, help="tiny models: context tokens per sequence (default 32768)")
+    demo.add_argument("--batch", type=int, default=4, help="tiny models: sequences (default 4)")
+    demo.add_argument("--steps", type=int, default=20, help="tiny models: decode steps (default 20)")
+    demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="tiny models: dtype")
+    demo.add_argument("--experts", choices=["dense", "nvfp4", "mxfp4"], default="dense",
+                      help="deepseek: MoE expert weights")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds any collective may wait")
     demo.add_argument("--json", action="store_true", help="print one JSON object")

