@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main-job command: set up (idempotent), build, run the demo.
-# Extra arguments go to the demo, e.g. scripts/demo.sh --seq-len 65536 --kvp 8
+# Extra arguments go to the demo, e.g. scripts/demo.sh --prompt "What is the capital of France?" --kvp 4 --tpa 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh

