@@ -119,8 +119,9 @@ def command_model_demo(args) -> int:
 
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.hf_model import MODEL_HEADS, ModelUnavailable
-    from helix_ext.parallel.launch import choose_backend, torchrun_environment
-    from helix_ext.parallel.model_demo import compare, format_model_report, prepare, run_model_demo, run_model_rank
+    from helix_ext.parallel.launch import torchrun_environment
+    from helix_ext.parallel.model_demo import (MODEL_BACKEND, compare, format_model_report, prepare, run_model_demo,
+                                               run_model_rank)
 
     kvp = 2 if args.kvp is None else args.kvp
     tpa = 3 if args.tpa is None else args.tpa
@@ -141,7 +142,7 @@ def command_model_demo(args) -> int:
                 print(f"torchrun started {world_size} ranks but kvp x tpa = {helix.world_size}", file=sys.stderr)
                 return 2
             run, context = prepare(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, verbose=False)
-            backend = choose_backend(world_size)
+            backend = MODEL_BACKEND
             dist.init_process_group(backend)
             start = time.perf_counter()
             result = run_model_rank(rank, backend, run)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from helix_ext.moe import moe_ffn
 from helix_ext.ops import flash_decode
-from helix_ext.parallel.config import HelixConfig, RankLayout, even_split
+from helix_ext.parallel.config import HelixConfig, RankLayout
 from helix_ext.parallel.exchange import make_exchange
 from helix_ext.parallel.experts import local_experts, route
 from helix_ext.parallel.ffn import DenseFfn, ffn_granule

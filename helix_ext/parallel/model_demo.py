@@ -42,6 +42,11 @@ def logit_tolerance(ffn_format: str) -> float:
     return LOGIT_TOLERANCE["none" if ffn_format == "none" else "fp4"]
 
 
+# The model runs in float32 as transformers does; flash_decode's CUDA kernel takes bf16/fp16
+# queries only, so the ranks run on the CPU (gloo) even where GPUs are present.
+MODEL_BACKEND = "gloo"
+
+
 @dataclass
 class ModelRun:
     model: ModelConfig
@@ -196,7 +201,7 @@ def run_model_demo(prompt: str | None, max_new_tokens: int, ffn_format: str, hel
     if verbose:
         print(f"decoding under Helix on {helix.world_size} ranks (kvp={helix.kvp} x tpa={helix.tpa})...", flush=True)
     started = time.perf_counter()
-    ranks = spawn(run_model_rank, helix.world_size, (run,), timeout_s=timeout_s)
+    ranks = spawn(run_model_rank, helix.world_size, (run,), backend=MODEL_BACKEND, timeout_s=timeout_s)
     return compare(run, context, ranks, time.perf_counter() - started)
 
 
