@@ -88,7 +88,8 @@ def test_a_dying_rank_fails_the_others_within_the_timeout():
 
 
 def test_demo_command_json():
-    run = subprocess.run([sys.executable, "-m", "helix_ext", "demo", "--context", "100", "--steps", "5", "--json"],
+    run = subprocess.run([sys.executable, "-m", "helix_ext", "demo", "--model", "llama", "--context", "100", "--steps", "5",
+                          "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
@@ -99,6 +100,6 @@ def test_demo_command_json():
 
 
 def test_demo_command_rejects_an_invalid_config():
-    run = subprocess.run([sys.executable, "-m", "helix_ext", "demo", "--kvp", "2", "--tpa", "8"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "helix_ext", "demo", "--model", "llama", "--kvp", "2", "--tpa", "8"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "tpa (8) must be <= the number of KV heads (4)" in run.stderr
