@@ -45,10 +45,11 @@ TOKENS_PER_BLOCK = 8
 NEW_TOKENS = 16
 
 
-def _run(kvp: int, tpa: int, ffn_format: str = "none", hopb_chunks: int = 2) -> dict:
+def _run(kvp: int, tpa: int, ffn_format: str = "none", hopb_chunks: int = 2, exchange: str = "nccl") -> dict:
     from helix_ext.parallel.model_demo import run_model_demo
 
-    helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=TOKENS_PER_BLOCK, hopb_chunks=hopb_chunks)
+    helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=TOKENS_PER_BLOCK, hopb_chunks=hopb_chunks,
+                        exchange=exchange)
     return run_model_demo(hf_model.needle_prompt(PROMPT_CHARACTERS), NEW_TOKENS, ffn_format, helix, timeout_s=300)
 
 
@@ -69,6 +70,14 @@ def test_helix_generation_is_token_identical_to_transformers(smollm2, kvp, tpa):
     total = report["prompt_tokens"] + report["decode_steps"]
     assert sum(held) == tpa * total  # every TPA group holds the whole sequence once, spread over its KVP ranks
     assert max(held) - min(held) <= TOKENS_PER_BLOCK
+
+
+@pytest.mark.slow
+def test_fused_exchange_with_ranks_that_merge_no_head(smollm2):
+    # kvp=4 x tpa=3: each TPA group's 3 query heads over 4 KVP ranks, the last merging none
+    report = _run(4, 3, exchange="fused")
+    assert [r["merged_heads"][1] - r["merged_heads"][0] for r in report["ranks"]] == [1, 1, 1, 0] * 3
+    assert report["generated_tokens"] == report["reference_tokens"] and report["matches_reference"]
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
