@@ -254,7 +254,9 @@ def reference_generate(hf_model, prompt_ids: list[int], max_new_tokens: int) -> 
                             temperature=None, return_dict_in_generate=True, output_logits=True,
                             pad_token_id=hf_model.generation_config.pad_token_id)
     seconds = time.perf_counter() - start
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = getattr(out, "cache", None)
+    if cache is None:  # transformers before the `cache` field
+        cache = out.past_key_values
     n = len(prompt_ids)
     keys, values = [], []
     for layer in cache.layers:
