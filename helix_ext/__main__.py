@@ -115,11 +115,9 @@ def command_demo(args) -> int:
 
 
 def command_model_demo(args) -> int:
-    import torch.distributed as dist
-
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.hf_model import MODEL_HEADS, ModelUnavailable
-    from helix_ext.parallel.launch import torchrun_environment
+    from helix_ext.parallel.launch import run_under_torchrun, torchrun_environment
     from helix_ext.parallel.model_demo import (MODEL_BACKEND, compare, format_model_report, prepare, run_model_demo,
                                                run_model_rank)
 
@@ -132,24 +130,14 @@ def command_model_demo(args) -> int:
         return 2
     try:
         helix.validate(*MODEL_HEADS, moe=False)  # before loading the model
-        environment = torchrun_environment()
-        if environment is None:
+        if torchrun_environment() is None:
             report = run_model_demo(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, timeout_s=args.timeout,
                                     verbose=not args.json)
         else:
-            rank, world_size = environment
-            if world_size != helix.world_size:
-                print(f"torchrun started {world_size} ranks but kvp x tpa = {helix.world_size}", file=sys.stderr)
-                return 2
             run, context = prepare(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, verbose=False)
-            backend = MODEL_BACKEND
-            dist.init_process_group(backend)
             start = time.perf_counter()
-            result = run_model_rank(rank, backend, run)
-            gathered = [None] * world_size if rank == 0 else None
-            dist.gather_object(result, gathered, dst=0)
-            dist.destroy_process_group()
-            if rank != 0:
+            gathered = run_under_torchrun(run_model_rank, helix.world_size, (run,), backend=MODEL_BACKEND)
+            if gathered is None:  # not rank 0
                 return 0
             report = compare(run, context, gathered, time.perf_counter() - start)
     except (HelixConfigError, ModelUnavailable, ValueError) as error:
@@ -163,11 +151,9 @@ def command_model_demo(args) -> int:
 
 
 def command_tiny_demo(args) -> int:
-    import torch.distributed as dist
-
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.demo import DemoSpec, build_report, format_report, run_demo, run_rank
-    from helix_ext.parallel.launch import choose_backend, torchrun_environment
+    from helix_ext.parallel.launch import run_under_torchrun, torchrun_environment
     from helix_ext.parallel.models import tiny_deepseek, tiny_llama
 
     make_model = tiny_llama if args.model == "llama" else tiny_deepseek
@@ -184,22 +170,16 @@ def command_tiny_demo(args) -> int:
     # Different lengths per sequence, so KV ownership changes hands at different steps.
     lengths = [max(0, args.context - 9 * b) for b in range(args.batch)]
     spec = DemoSpec(model=model, helix=helix, context_lengths=lengths, steps=args.steps, seed=args.seed)
-    environment = torchrun_environment()
-    if environment is None:
+    if torchrun_environment() is None:
         report = run_demo(spec, timeout_s=args.timeout)
     else:
-        rank, world_size = environment
-        if world_size != helix.world_size:
-            print(f"torchrun started {world_size} ranks but kvp x tpa = {helix.world_size}", file=sys.stderr)
-            return 2
-        backend = choose_backend(world_size)
-        dist.init_process_group(backend)
         start = time.perf_counter()
-        result = run_rank(rank, backend, spec)
-        gathered = [None] * world_size if rank == 0 else None
-        dist.gather_object(result, gathered, dst=0)
-        dist.destroy_process_group()
-        if rank != 0:
+        try:
+            gathered = run_under_torchrun(run_rank, helix.world_size, (spec,))
+        except ValueError as error:
+            print(f"demo: {error}", file=sys.stderr)
+            return 2
+        if gathered is None:  # not rank 0
             return 0
         report = build_report(spec, gathered, time.perf_counter() - start)
     if args.json:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 
 from helix_ext.moe import Fp4Experts, route_topk
-from helix_ext.ops import dequantize_fp4, quantize_fp4
-
-FP4_FORMATS = ("nvfp4", "mxfp4")
+from helix_ext.parallel.ffn import FP4_BLOCK, QuantizedFfn
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
@@ -48,46 +46,26 @@ class DenseExperts:
         return y
 
 
-def _quantize_experts(weights: torch.Tensor, fmt: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    return [quantize_fp4(expert.to(torch.float32), fmt) for expert in weights]
-
-
 def reference_expert_weights(config, w: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts' effective weights (gate_up [E, 2F, H], down [E, H, F]) in the model dtype:
     the plain ones, or the FP4 codes dequantized."""
     gate_up, down = w[prefix + "experts.gate_up"], w[prefix + "experts.down"]
-    if config.expert_format not in FP4_FORMATS:
+    if config.expert_format not in FP4_BLOCK:
         return gate_up, down
-    dequantized = []
-    for weights in (gate_up, down):
-        parts = _quantize_experts(weights, config.expert_format)
-        dequantized.append(torch.stack([dequantize_fp4(p, s, g, config.expert_format, torch.float32)
-                                        for p, s, g in parts]).to(config.dtype))
-    return dequantized[0], dequantized[1]
+    return tuple(Fp4Experts.quantize(weights.float(), config.expert_format).dequantize().to(config.dtype)
+                 for weights in (gate_up, down))
 
 
 def local_experts(config, w: dict, prefix: str, experts: range, ffn_slice: range, device: torch.device):
     """This rank's (gate_up, down) experts: experts `experts`, FFN dims `ffn_slice` of each."""
     f = config.moe_ffn_dim
-    rows = list(ffn_slice) + [f + i for i in ffn_slice]  # gate rows, then the matching up rows
     gate_up = w[prefix + "experts.gate_up"][experts.start:experts.stop]
     down = w[prefix + "experts.down"][experts.start:experts.stop]
-    if config.expert_format not in FP4_FORMATS:
+    if config.expert_format not in FP4_BLOCK:
+        rows = list(ffn_slice) + [f + i for i in ffn_slice]  # gate rows, then the matching up rows
         return (DenseExperts(gate_up[:, rows].to(device)),
                 DenseExperts(down[:, :, ffn_slice.start:ffn_slice.stop].contiguous().to(device)))
     fmt = config.expert_format
-    block = 16 if fmt == "nvfp4" else 32
-    if ffn_slice.start % block or len(ffn_slice) % block:
-        raise ValueError(f"FP4 experts: each rank's slice of the expert FFN dim ({ffn_slice.start}:{ffn_slice.stop}) "
-                         f"must be whole {fmt} blocks of {block}")
-    up_parts = _quantize_experts(gate_up, fmt)
-    down_parts = _quantize_experts(down, fmt)
-    index = torch.tensor(rows)
-    gate_up_local = Fp4Experts(torch.stack([p[0][index] for p in up_parts]).to(device),
-                               torch.stack([p[1][index] for p in up_parts]).to(device),
-                               torch.stack([p[2] for p in up_parts]).to(device), fmt)
-    k0, k1 = ffn_slice.start, ffn_slice.stop
-    down_local = Fp4Experts(torch.stack([p[0][:, k0 // 2:k1 // 2] for p in down_parts]).contiguous().to(device),
-                            torch.stack([p[1][:, k0 // block:k1 // block] for p in down_parts]).contiguous().to(device),
-                            torch.stack([p[2] for p in down_parts]).to(device), fmt)
-    return gate_up_local, down_local
+    whole = QuantizedFfn(Fp4Experts.quantize(gate_up.float(), fmt), Fp4Experts.quantize(down.float(), fmt))
+    local = whole.slice(ffn_slice, device)
+    return local.gate_up, local.down

@@ -35,8 +35,8 @@ def ffn_granule(fmt: str) -> int:
 
 @dataclass
 class QuantizedFfn:
-    """One layer's whole FFN in FP4: gate_up ``[1, 2F, H/2]`` (gate rows, then up rows) and
-    down ``[1, H, F/2]``, as E = 1 grouped-GEMM weights."""
+    """FP4 FFN weights as grouped-GEMM weights: gate_up ``[E, 2F, H/2]`` (gate rows, then up
+    rows) and down ``[E, H, F/2]``; E = 1 for a dense layer, the experts of an MoE layer."""
 
     gate_up: Fp4Experts
     down: Fp4Experts
@@ -53,6 +53,7 @@ class QuantizedFfn:
         return cls(Fp4Experts.quantize(stacked, fmt), Fp4Experts.quantize(down.float().unsqueeze(0), fmt))
 
     def slice(self, cols: range, device: torch.device) -> "QuantizedFfn":
+        """FFN columns `cols` of every expert: those rows of gate and up, those K-blocks of down."""
         fmt = self.gate_up.fmt
         block = FP4_BLOCK[fmt]
         if cols.start % block or len(cols) % block:

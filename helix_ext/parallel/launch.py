@@ -104,3 +104,22 @@ def torchrun_environment() -> tuple[int, int] | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return None
+
+
+def run_under_torchrun(fn: Callable[..., Any], world_size: int, args: tuple = (),
+                       backend: str | None = None) -> list | None:
+    """Under torchrun: run fn(rank, backend, *args) on this rank and gather every rank's result
+    on rank 0 (returned there as a list; None on the other ranks). The launch must have
+    started exactly world_size ranks."""
+    rank, started = torchrun_environment()
+    if started != world_size:
+        raise ValueError(f"torchrun started {started} ranks but kvp x tpa = {world_size}")
+    backend = backend or choose_backend(world_size)
+    dist.init_process_group(backend)
+    try:
+        result = fn(rank, backend, *args)
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(result, gathered, dst=0)
+    finally:
+        dist.destroy_process_group()
+    return gathered
