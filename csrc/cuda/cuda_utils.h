@@ -9,6 +9,8 @@
 #include <array>
 #include <atomic>
 
+#include "cuda/launch_context.h"
+
 namespace helix {
 
 // Multiprocessor count of a device, queried once per device.
@@ -23,6 +25,11 @@ inline int multiprocessor_count(int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   if (device >= 0 && device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
   return count;
+}
+
+// The launch context of a device: its multiprocessor count and the current stream.
+inline LaunchContext launch_context(int device) {
+  return {device, multiprocessor_count(device), c10::cuda::getCurrentCUDAStream(device)};
 }
 
 }  // namespace helix

@@ -49,7 +49,7 @@ struct FlashDecodeInstance {
 
   static cudaError_t launch(const FlashDecodeParams& params, const FlashDecodeKernelInfo& info, cudaStream_t stream) {
     const dim3 grid(params.head_tiles * params.num_splits, params.batch, params.num_kv_heads);
-    flash_decode_kernel<Config, T, FP8><<<grid, info.threads, info.smem_bytes, stream>>>(params);
+    HELIX_LAUNCH(grid, info.threads, info.smem_bytes, stream, flash_decode_kernel<Config, T, FP8>)(params);
     return cudaGetLastError();
   }
 

@@ -1,13 +1,11 @@
-// merge_states, CUDA launcher: checks arguments and launches the torch-free kernel of
-// helix/merge_states_kernel.cuh on the current stream.
+// merge_states, CUDA op: device checks, then the shared launcher body (merge_states_launch.h)
+// on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda_utils.h"
-
-#include "helix/merge_states_kernel.cuh"
-#include "merge_states_args.h"
+#include "merge_states_launch.h"
 
 namespace helix {
 namespace {
@@ -20,35 +18,7 @@ std::tuple<at::Tensor, at::Tensor> merge_states_cuda(const at::Tensor& parts_out
   const c10::cuda::CUDAGuard device_guard(parts_out.device());
   auto [out, out_lse] = allocate_merge_states_outputs(parts_out);
   if (out.numel() == 0) return {out, out_lse};
-
-  MergeStatesParams params;
-  params.parts_out = parts_out.const_data_ptr();
-  params.parts_lse = parts_lse.const_data_ptr<float>();
-  params.out = out.mutable_data_ptr();
-  params.out_lse = out_lse.mutable_data_ptr<float>();
-  params.num_parts = static_cast<int>(parts_out.size(0));
-  params.num_heads = static_cast<int>(parts_out.size(2));
-  params.head_dim = parts_out.size(3);
-  params.num_rows = parts_out.size(1) * parts_out.size(2);
-  params.out_stride_part = parts_out.stride(0);
-  params.out_stride_batch = parts_out.stride(1);
-  params.out_stride_head = parts_out.stride(2);
-  params.out_stride_dim = parts_out.stride(3);
-  params.lse_stride_part = parts_lse.stride(0);
-  params.lse_stride_batch = parts_lse.stride(1);
-  params.lse_stride_head = parts_lse.stride(2);
-
-  const int device = parts_out.get_device();
-  const int sms = multiprocessor_count(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  switch (parts_out.scalar_type()) {
-    case at::kFloat: C10_CUDA_CHECK((launch_merge_states<float, float>(params, sms, stream))); break;
-    case at::kHalf: C10_CUDA_CHECK((launch_merge_states<__half, __half>(params, sms, stream))); break;
-    case at::kBFloat16:
-      C10_CUDA_CHECK((launch_merge_states<__nv_bfloat16, __nv_bfloat16>(params, sms, stream)));
-      break;
-    default: TORCH_CHECK(false, "merge_states: unsupported parts_out dtype ", parts_out.scalar_type());
-  }
+  launch_merge_states_op(parts_out, parts_lse, out, out_lse, launch_context(parts_out.get_device()));
   return {out, out_lse};
 }
 
