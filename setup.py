@@ -4,6 +4,9 @@ Install with `pip install --no-build-isolation -e .` (build isolation would down
 multi-GB torch). CUDA kernels are built when torch is a CUDA build and a CUDA toolkit is
 found; a GPU is never needed to build. Environment switches:
   HELIX_SKIP_CUDA=1       build the CPU kernels only
+  HELIX_SKIP_SIMT=1       do not build helix_ext._simt (the CUDA kernels run on the CPU, with
+                          ASan/UBSan; built wherever the CUDA headers are, required with
+                          HELIX_REQUIRE_CUDA)
   HELIX_REQUIRE_CUDA=1    fail instead of falling back to a CPU-only build (CI does this)
   TORCH_CUDA_ARCH_LIST    narrow the targets, e.g. "9.0a" (default "9.0a;10.0a")
   HELIX_PTXAS_VERBOSE=1   pass -Xptxas -v (registers, spills, stack frame per kernel)
@@ -23,6 +26,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tools"))
 import cuda_toolkit  # noqa: E402  (tools/ is not a package; it must not import torch)
+import simt_build  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -109,6 +113,25 @@ def make_extension():
                                        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
 
 
+def make_simt_extension():
+    """helix_ext._simt: the SIMT host runtime running the CUDA kernels' source on CPU tensors."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    if env_flag("HELIX_SKIP_SIMT"):
+        log("not building helix_ext._simt: HELIX_SKIP_SIMT is set")
+        return None
+    toolkit, how = cuda_toolkit.find_cuda_toolkit()
+    if toolkit is None or not (Path(toolkit) / "include" / "cuda_fp8.h").is_file():
+        if env_flag("HELIX_REQUIRE_CUDA"):
+            raise SystemExit(f"helix-ext build: HELIX_REQUIRE_CUDA is set but helix_ext._simt needs the CUDA headers: {how}")
+        log(f"not building helix_ext._simt: no CUDA headers ({how})")
+        return None
+    log("building helix_ext._simt (the CUDA kernels on the CPU, with ASan and UBSan)")
+    return cpp_extension.CppExtension(
+        "helix_ext._simt", simt_build.sources(), include_dirs=simt_build.include_dirs(str(Path(toolkit) / "include")),
+        extra_compile_args={"cxx": simt_build.compile_flags()}, extra_link_args=simt_build.link_flags())
+
+
 def build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
@@ -129,6 +152,6 @@ def build_ext_class():
 
 setup(
     packages=find_packages(include=["helix_ext", "helix_ext.*"]),
-    ext_modules=[make_extension()],
+    ext_modules=[e for e in (make_extension(), make_simt_extension()) if e is not None],
     cmdclass={"build_ext": build_ext_class()},
 )

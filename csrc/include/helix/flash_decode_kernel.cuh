@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(Config::kThreads)
   constexpr int K_CHUNKS = DK * KV_ELEMENT_BYTES / 16, V_CHUNKS = DV * KV_ELEMENT_BYTES / 16;  // 16 B per row
   static_assert(DK * KV_ELEMENT_BYTES % 16 == 0 && DV * KV_ELEMENT_BYTES % 16 == 0, "rows of whole 16 B chunks");
 
-  extern __shared__ __align__(16) unsigned char shared[];
+  HELIX_DYNAMIC_SHARED(unsigned char, shared);
   T* q_tile = reinterpret_cast<T*>(shared);
   unsigned char* body = shared + size_t(Config::kQElements) * 2;
 
@@ -269,8 +269,13 @@ __global__ void __launch_bounds__(Config::kThreads)
   const int token_base = warp_t * TOKENS_PER_WARP;  // first token of this warp within a tile
 
   for (int tile = 0; tile < tiles; ++tile) {
-    ptx::cp_async_wait<STAGES - 2>();
-    __syncthreads();  // the tile has landed for every thread; the slot reloaded below is free
+    if (HELIX_PLANT(kPlantWaitGroupOffByOne)) {
+      ptx::cp_async_wait<STAGES - 1>();
+    } else {
+      ptx::cp_async_wait<STAGES - 2>();
+    }
+    // The tile has landed for every thread; the slot reloaded below is free.
+    if (!HELIX_PLANT(kPlantMissingBarrier)) __syncthreads();
     load_tile(tile + STAGES - 1);
 
     const T* k_tile;
@@ -323,7 +328,8 @@ __global__ void __launch_bounds__(Config::kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int token = tile_first + n * 8 + (lane % 4) * 2 + (i % 2);
-        scores[n][i] = token < end ? scores[n][i] * score_scale : neg_inf();
+        const bool inside = HELIX_PLANT(kPlantTileBoundOffByOne) ? token <= end : token < end;
+        scores[n][i] = inside ? scores[n][i] * score_scale : neg_inf();
         tile_max[i / 2] = fmaxf(tile_max[i / 2], scores[n][i]);
       }
     }
@@ -355,8 +361,13 @@ __global__ void __launch_bounds__(Config::kThreads)
           state[i / 2].sum += p[h][i];
         }
       }
-      const uint32_t a[4] = {ptx::pack_pair<T>(p[0][0], p[0][1]), ptx::pack_pair<T>(p[0][2], p[0][3]),
-                             ptx::pack_pair<T>(p[1][0], p[1][1]), ptx::pack_pair<T>(p[1][2], p[1][3])};
+      uint32_t a[4] = {ptx::pack_pair<T>(p[0][0], p[0][1]), ptx::pack_pair<T>(p[0][2], p[0][3]),
+                       ptx::pack_pair<T>(p[1][0], p[1][1]), ptx::pack_pair<T>(p[1][2], p[1][3])};
+      if (HELIX_PLANT(kPlantSwappedFragment)) {
+        const uint32_t swapped = a[1];
+        a[1] = a[2];
+        a[2] = swapped;
+      }
 #pragma unroll
       for (int n = 0; n < O_TILES / 2; ++n) {
         uint32_t b[4];

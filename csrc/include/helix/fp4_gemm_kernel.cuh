@@ -78,7 +78,7 @@ struct WeightSegment {
 template <int M_TILES>
 __global__ void __launch_bounds__(kFp4GemmThreads) fp4_grouped_gemm_kernel(const Fp4GemmParams params) {
   constexpr int ROWS = 16 * M_TILES;  // activation rows per pass
-  extern __shared__ __align__(16) unsigned char shared[];
+  HELIX_DYNAMIC_SHARED(unsigned char, shared);
   uint32_t* lut = reinterpret_cast<uint32_t*>(shared);
   __nv_bfloat16* x_stages = reinterpret_cast<__nv_bfloat16*>(shared + kFp4GemmLutBytes);
 

@@ -13,6 +13,10 @@
 #include "helix/softmax_merge.h"
 #include "helix/vec.cuh"
 
+#if defined(HELIX_SIMT)
+#include "helix_simt/ptx.h"
+#endif
+
 namespace helix {
 
 struct HopbCombineParams {
@@ -29,6 +33,13 @@ struct HopbCombineParams {
   int num_peers, chunk;
 };
 
+#if defined(HELIX_SIMT)
+// The SIMT host runtime: C++ atomics of the same orders, and a steady host clock.
+HELIX_DEVICE int32_t load_acquire_system(const int32_t* address) { return simt::load_acquire_system(address); }
+HELIX_DEVICE void store_release_system(int32_t* address, int32_t value) { simt::store_release_system(address, value); }
+HELIX_DEVICE void store_relaxed_system(int32_t* address, int32_t value) { simt::store_relaxed_system(address, value); }
+HELIX_DEVICE uint64_t global_timer_ns() { return simt::global_timer_ns(); }
+#else
 HELIX_DEVICE int32_t load_acquire_system(const int32_t* address) {
   int32_t value;
   asm volatile("ld.acquire.sys.global.s32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
@@ -39,11 +50,16 @@ HELIX_DEVICE void store_release_system(int32_t* address, int32_t value) {
   asm volatile("st.release.sys.global.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
 }
 
+HELIX_DEVICE void store_relaxed_system(int32_t* address, int32_t value) {
+  asm volatile("st.relaxed.sys.global.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
+}
+
 HELIX_DEVICE uint64_t global_timer_ns() {
   uint64_t now;
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
   return now;
 }
+#endif  // HELIX_SIMT
 
 // One thread: bump this chunk slot's epoch and publish it as the flag (after a system fence,
 // so every write of earlier kernels in stream order is visible to peers that see the flag).
@@ -51,13 +67,17 @@ HELIX_DEVICE uint64_t global_timer_ns() {
 static __global__ void hopb_signal_kernel(int32_t* flags, int32_t* epoch, int chunk) {
   const int32_t value = epoch[chunk] + 1;
   epoch[chunk] = value;
+  if (HELIX_PLANT(kPlantMissingReleaseFence)) {
+    store_relaxed_system(flags + chunk, value);
+    return;
+  }
   __threadfence_system();
   store_release_system(flags + chunk, value);
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCombineParams params) {
-  __shared__ int ready;
+  HELIX_SHARED_VARIABLE(int, ready);
   if (threadIdx.x == 0) {
     const int32_t expected = params.epoch[params.chunk];
     const uint64_t start = global_timer_ns();

@@ -48,8 +48,9 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
   const int64_t total_vectors = params.num_rows * vectors_per_row;
   const int64_t grid_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
-  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       index < total_vectors; index += grid_stride) {
+  const int64_t end = total_vectors + (HELIX_PLANT(kPlantLoopBoundOffByOne) ? 1 : 0);
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < end;
+       index += grid_stride) {
     const int64_t row = index / vectors_per_row;
     const int64_t element = (index - row * vectors_per_row) * VEC;
     const int64_t batch = row / params.num_heads;
@@ -121,9 +122,9 @@ cudaError_t launch_merge_states(const MergeStatesParams& params, int multiproces
   // The kernel is grid-stride, so very large problems reuse a bounded grid.
   const int blocks = static_cast<int>(std::min<int64_t>(blocks_needed, int64_t{multiprocessor_count} * 64));
   if (vectorizable) {
-    merge_states_kernel<InT, OutT, kVec><<<blocks, kMergeStatesThreads, 0, stream>>>(params);
+    HELIX_LAUNCH(blocks, kMergeStatesThreads, 0, stream, merge_states_kernel<InT, OutT, kVec>)(params);
   } else {
-    merge_states_kernel<InT, OutT, 1><<<blocks, kMergeStatesThreads, 0, stream>>>(params);
+    HELIX_LAUNCH(blocks, kMergeStatesThreads, 0, stream, merge_states_kernel<InT, OutT, 1>)(params);
   }
   return cudaGetLastError();
 }

@@ -9,9 +9,50 @@
 
 #include "helix/common.h"
 
+#if defined(HELIX_SIMT)
+#include <type_traits>
+
+#include "helix_simt/ptx.h"
+#endif
+
 namespace helix {
 namespace ptx {
 
+#if defined(HELIX_SIMT)
+// The SIMT host runtime's emulations (csrc/simt, PTX ISA semantics); same signatures.
+HELIX_DEVICE uint32_t shared_address(const void* pointer, simt::Location where = simt::Location::current()) {
+  return simt::shared_address(pointer, where);
+}
+
+HELIX_DEVICE void cp_async_16(uint32_t destination, const void* source, bool valid,
+                              simt::Location where = simt::Location::current()) {
+  simt::cp_async_16(destination, source, valid ? 16 : 0, where);
+}
+
+HELIX_DEVICE void cp_async_commit(simt::Location where = simt::Location::current()) { simt::cp_async_commit(where); }
+
+template <int pending>
+HELIX_DEVICE void cp_async_wait(simt::Location where = simt::Location::current()) {
+  simt::cp_async_wait(pending, where);
+}
+
+HELIX_DEVICE void ldmatrix_x4(uint32_t (&fragment)[4], uint32_t address,
+                              simt::Location where = simt::Location::current()) {
+  simt::ldmatrix_x4(fragment, address, false, where);
+}
+
+HELIX_DEVICE void ldmatrix_x4_transposed(uint32_t (&fragment)[4], uint32_t address,
+                                         simt::Location where = simt::Location::current()) {
+  simt::ldmatrix_x4(fragment, address, true, where);
+}
+
+template <typename T>
+HELIX_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                               simt::Location where = simt::Location::current()) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma operands are bf16 or fp16");
+  simt::mma_m16n8k16(d, a, b0, b1, std::is_same_v<T, __nv_bfloat16>, where);
+}
+#else
 HELIX_DEVICE uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
 }
@@ -67,6 +108,8 @@ HELIX_DEVICE void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], ui
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // HELIX_SIMT
 
 // Two floats rounded (to nearest even) into one register of two 16-bit values, `low` in
 // the low half: the element order of mma fragments.
