@@ -41,7 +41,7 @@ step() {
 
 arch=$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m in (9, 10) else ''))")
 step build 180 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" HELIX_NVCC_THREADS=1 \
-  HELIX_REQUIRE_CUDA=1 HELIX_PTXAS_VERBOSE=1 \
+  HELIX_REQUIRE_CUDA=1 HELIX_PTXAS_VERBOSE=1 HELIX_SKIP_SIMT=1 \
   "$py" -m pip install -v --no-build-isolation --no-deps -e .
 if [ "$failed" -eq 0 ]; then
   step tests 150 "$py" -m pytest tests -q -rs -p no:cacheprovider --maxfail=20

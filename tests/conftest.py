@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import helix_ext
+from helix_ext import simt
 from helix_ext._build_info import CUDA_BUILT, CUDA_SKIP_REASON
 
 
@@ -17,12 +18,14 @@ def gpu_skip_reason() -> str | None:
 
 def pytest_collection_modifyitems(config, items):
     reason = gpu_skip_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=reason)
+    skip_gpu = pytest.mark.skip(reason=reason) if reason else None
+    simt_reason = simt.unavailable_reason() if any("simt" in item.keywords for item in items) else None
+    skip_simt = pytest.mark.skip(reason=simt_reason) if simt_reason else None
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if skip_gpu and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+        if skip_simt and "simt" in item.keywords:
+            item.add_marker(skip_simt)
 
 
 def pytest_report_header(config):
@@ -34,3 +37,20 @@ def pytest_report_header(config):
 
 # Run a test on the CPU and, where there is one, on the GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# ... and with the CUDA kernels' source run by the SIMT host runtime on CPU tensors
+# (torch.ops.helix_simt; the `simt` marker: scripts/test_simt.sh runs these under ASan).
+SIMT = pytest.param("simt", marks=pytest.mark.simt)
+DEVICES_AND_SIMT = DEVICES + [SIMT]
+
+
+def tensor_device(device: str) -> str:
+    """Where a test's tensors live: emulated CUDA runs on CPU tensors."""
+    return "cpu" if device == "simt" else device
+
+
+def call_op(device: str, name: str, *args, mutates: bool = False, **kwargs):
+    """helix_ext.<name> on cpu/cuda; on "simt" the emulated CUDA kernels, under every schedule
+    (results must be bitwise identical across schedules)."""
+    if device == "simt":
+        return simt.run_all_schedules(getattr(torch.ops.helix_simt, name), *args, mutates=mutates, **kwargs)
+    return getattr(helix_ext, name)(*args, **kwargs)

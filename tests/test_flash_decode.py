@@ -1,4 +1,5 @@
-"""helix.flash_decode against its float64 reference, on CPU and (where present) CUDA."""
+"""helix.flash_decode against its float64 reference, on CPU, CUDA (where present) and the emulated CUDA
+kernel (the SIMT host runtime, device "simt")."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import helix_ext
 from helix_ext.reference import flash_decode_reference
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_AND_SIMT, call_op, tensor_device
 from tolerance import assert_close_to_reference
 
 NEG_INF = float("-inf")
@@ -25,6 +26,7 @@ class Case:
 
     def __init__(self, seq_lens, num_q_heads, num_kv_heads, head_dim_k, head_dim_v=None, *, block_size=16,
                  q_dtype=torch.bfloat16, kv_dtype=None, mla=False, device="cpu", spare_blocks=3):
+        self.backend, device = device, tensor_device(device)
         kv_dtype = kv_dtype or q_dtype
         head_dim_v = head_dim_v or head_dim_k
         batch = len(seq_lens)
@@ -52,15 +54,15 @@ class Case:
         return (self.q, self.k_cache, self.v_cache, self.block_table, self.seq_lens, self.softmax_scale,
                 self.head_dim_v, self.k_scale, self.v_scale)
 
-    def run(self, num_splits=0):
-        return helix_ext.flash_decode(*self.args(), num_splits=num_splits)
+    def run(self, num_splits=0, **simt_options):
+        return call_op(self.backend, "flash_decode", *self.args(), num_splits=num_splits, **simt_options)
 
     def reference(self, **kwargs):
         cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in self.args()]
         return flash_decode_reference(*cpu_args, **kwargs)
 
-    def check(self, num_splits=0):
-        out, lse = self.run(num_splits)
+    def check(self, num_splits=0, **simt_options):
+        out, lse = self.run(num_splits, **simt_options)
         assert out.dtype == self.q.dtype and lse.dtype == torch.float32
         assert out.device == self.q.device and out.is_contiguous() and lse.is_contiguous()
         ref_out, ref_lse = self.reference(out_dtype=torch.float64)
@@ -92,14 +94,14 @@ def test_group_of_128_heads(device, num_kv_heads):
          device=device).check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("block_size", [1, 7, 16, 64, 256])
 def test_block_sizes(device, block_size):
     lengths = [block_size - 1, block_size, block_size + 1, 3 * block_size + 5]
     Case(lengths, num_q_heads=8, num_kv_heads=2, head_dim_k=128, block_size=block_size, device=device).check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["kv_same", "kv_fp8"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -121,7 +123,7 @@ def test_float32_is_rejected_on_cuda():
         Case([5], num_q_heads=4, num_kv_heads=2, head_dim_k=64, q_dtype=torch.float32, device="cuda").run()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("num_q_heads", [16, 128])
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["kv_same", "kv_fp8"])
@@ -136,18 +138,19 @@ def test_long_sequences(device):
     Case([5000, 2049, 1], num_q_heads=16, num_kv_heads=2, head_dim_k=128, block_size=64, device=device).check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
 def test_forced_num_splits(device, num_splits):
     case = Case([0, 1, 300, 1000], num_q_heads=8, num_kv_heads=1, head_dim_k=128, block_size=32, device=device)
     case.check(num_splits=num_splits)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 def test_strided_inputs(device):
     # K and V as views of one fused [num_blocks, block_size, 2, Hkv, D] cache, q as a slice of a
     # wider buffer, block_table as a column slice: strides everywhere but the head dim.
     case = Case([20, 47], num_q_heads=6, num_kv_heads=3, head_dim_k=64, block_size=8, device=device)
+    device = tensor_device(device)
     fused = torch.stack([case.k_cache, case.v_cache], dim=2)
     case.k_cache, case.v_cache = fused[:, :, 0], fused[:, :, 1]
     wide_q = torch.randn(case.q.shape[0], case.q.shape[1], 72, device=device).to(case.q.dtype)

@@ -9,7 +9,7 @@ import torch
 import helix_ext
 from helix_ext.reference import (E2M1_GRID, dequantize_fp4_reference, e2m1_decode, fp4_grouped_gemm_reference,
                                  fp4_pack, fp4_unpack, quantize_fp4_reference)
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_AND_SIMT, call_op, tensor_device
 from tolerance import assert_close_to_reference
 
 FORMATS = ["nvfp4", "mxfp4"]
@@ -22,8 +22,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.cpu().reshape(-1).view(torch.uint8), b.cpu().reshape(-1).view(torch.uint8))
 
 
-def quantize_and_compare(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None):
-    packed, scales, global_out = helix_ext.quantize_fp4(x, fmt, global_scale)
+def quantize_and_compare(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None, device: str | None = None):
+    packed, scales, global_out = call_op(device or x.device.type, "quantize_fp4", x, fmt, global_scale)
     ref_packed, ref_scales, ref_global = quantize_fp4_reference(x.cpu(), fmt,
                                                                 None if global_scale is None else global_scale.cpu())
     assert packed.dtype == torch.uint8 and packed.shape == (x.shape[0], x.shape[1] // 2)
@@ -115,17 +115,18 @@ def test_zeros_huge_and_nan_inputs_make_no_nan(device, fmt):
     assert torch.isfinite(out).all() and out[0, 3].item() == 0.0  # NaN quantizes to code 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_random_round_trip_matches_reference_bits(device, fmt, dtype):
     # Rows spanning twelve orders of magnitude (eight in fp16's range); every code must be the
     # reference's nearest grid point (bit-exact), and dequantization exact to the reference.
     decades = 4 if dtype == torch.float16 else 6
+    backend, device = device, tensor_device(device)
     x = (torch.randn(53, 256).clamp(-4, 4) * torch.logspace(-decades, decades, 53).unsqueeze(1)).to(dtype).to(device)
-    packed, scales, global_scale = quantize_and_compare(x, fmt)
+    packed, scales, global_scale = quantize_and_compare(x, fmt, device=backend)
     for out_dtype in DTYPES:
-        out = helix_ext.dequantize_fp4(packed, scales, global_scale, fmt, out_dtype)
+        out = call_op(backend, "dequantize_fp4", packed, scales, global_scale, fmt, out_dtype)
         expected = dequantize_fp4_reference(packed.cpu(), scales.cpu(), global_scale.cpu(), fmt, out_dtype)
         assert out.dtype == out_dtype and same_bits(out, expected)
     # Nearest grid point: the error is at most half the gap at that magnitude (<= 1/3 of |x|,
@@ -136,11 +137,12 @@ def test_random_round_trip_matches_reference_bits(device, fmt, dtype):
     assert torch.all(error <= x.cpu().double().abs() / 3 + step.double().abs() / 2 + 1e-30)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 def test_calibrated_global_scale_is_used(device):
+    backend, device = device, tensor_device(device)
     x = torch.randn(8, 64, device=device)
     given = torch.tensor(0.01, device=device)
-    packed, scales, global_scale = quantize_and_compare(x, "nvfp4", given)
+    packed, scales, global_scale = quantize_and_compare(x, "nvfp4", given, device=backend)
     assert global_scale.item() == pytest.approx(0.01) and global_scale.data_ptr() != given.data_ptr()
 
 
@@ -178,12 +180,13 @@ def make_experts(num_experts: int, n: int, k: int, fmt: str, device: str):
 
 
 def check_grouped_gemm(group_sizes, n, k, fmt, device, extra_rows=0):
+    backend, device = device, tensor_device(device)
     num_experts = len(group_sizes)
     w, scales, global_scales = make_experts(num_experts, n, k, fmt, device)
     tokens = sum(group_sizes) + extra_rows
     x = torch.randn(tokens, k).bfloat16().to(device)
     offs = torch.tensor(group_sizes, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
-    y = helix_ext.fp4_grouped_gemm(x, w, scales, global_scales, offs, fmt)
+    y = call_op(backend, "fp4_grouped_gemm", x, w, scales, global_scales, offs, fmt)
     assert y.shape == (tokens, n) and y.dtype == torch.bfloat16 and y.device == x.device
     cpu = [t.cpu() for t in (x, w, scales, global_scales, offs)]
     reference = fp4_grouped_gemm_reference(*cpu, fmt, out_dtype=torch.float64)
@@ -193,7 +196,7 @@ def check_grouped_gemm(group_sizes, n, k, fmt, device, extra_rows=0):
     return y
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("group_sizes", [[5, 0, 9, 1], [0, 0, 0, 0], [17]], ids=["5-0-9-1", "all-empty", "one-17"])
 def test_grouped_gemm_group_patterns(device, fmt, group_sizes):
@@ -207,19 +210,19 @@ def test_grouped_gemm_256_tiny_groups(device, fmt):
     check_grouped_gemm(sizes, n=64, k=128, fmt=fmt, device=device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("k", [32, 96, 160, 1056])
 def test_grouped_gemm_k_not_a_multiple_of_the_tile(device, fmt, k):
     check_grouped_gemm([3, 8], n=40, k=k, fmt=fmt, device=device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 def test_grouped_gemm_nvfp4_k_an_odd_multiple_of_16(device):
     check_grouped_gemm([2, 5], n=24, k=208, fmt="nvfp4", device=device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_grouped_gemm_dense_and_prefill_sizes(device, fmt):
     check_grouped_gemm([1], n=200, k=512, fmt=fmt, device=device)  # a dense shard, one token
@@ -346,10 +349,11 @@ def test_grouped_gemm_with_k_zero(device):
     assert y.shape == (4, 40) and torch.all(y == 0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 def test_misaligned_contiguous_views(device):
     # Contiguous views that start 8 bytes into their storage: the kernels' vector loads need
     # 16-byte-aligned bases, so the launchers must copy such inputs, not fault on them.
+    backend, device = device, tensor_device(device)
     k = 96
     w, scales, global_scales = make_experts(2, 24, k, "nvfp4", device)
     flat_w = torch.empty(w.numel() + 8, dtype=torch.uint8, device=device)
@@ -359,11 +363,24 @@ def test_misaligned_contiguous_views(device):
     x = big[:1, 4:]  # T = 1: contiguous, but 8 bytes in
     assert shifted_w.is_contiguous() and x.is_contiguous()
     offs = torch.tensor([1, 1], dtype=torch.int32, device=device)
-    expected = helix_ext.fp4_grouped_gemm(x.clone(), w, scales, global_scales, offs, "nvfp4")
-    torch.testing.assert_close(helix_ext.fp4_grouped_gemm(x, shifted_w, scales, global_scales, offs, "nvfp4"),
+    expected = call_op(backend, "fp4_grouped_gemm", x.clone(), w, scales, global_scales, offs, "nvfp4")
+    torch.testing.assert_close(call_op(backend, "fp4_grouped_gemm", x, shifted_w, scales, global_scales, offs, "nvfp4"),
                                expected, rtol=0, atol=0)
-    packed, block_scales, global_scale = helix_ext.quantize_fp4(torch.randn(1, 32, device=device), "nvfp4")
+    packed, block_scales, global_scale = call_op(backend, "quantize_fp4", torch.randn(1, 32, device=device), "nvfp4")
     raw = torch.empty(1, 32, dtype=torch.uint8, device=device)
     raw[:, 8:24] = packed
-    torch.testing.assert_close(helix_ext.dequantize_fp4(raw[:, 8:24], block_scales, global_scale, "nvfp4"),
-                               helix_ext.dequantize_fp4(packed, block_scales, global_scale, "nvfp4"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        call_op(backend, "dequantize_fp4", raw[:, 8:24], block_scales, global_scale, "nvfp4", torch.bfloat16),
+        call_op(backend, "dequantize_fp4", packed, block_scales, global_scale, "nvfp4", torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rows_that_are_not_16_byte_aligned(device, fmt, dtype):
+    # A column slice of a wider buffer: rows do not start on 16-byte boundaries, so the amax and
+    # quantize kernels take their element-wise (not 16-byte) load paths.
+    backend, device = device, tensor_device(device)
+    x = torch.randn(9, 257, device=device).to(dtype)[:, 1:]
+    assert x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 != 0
+    quantize_and_compare(x, fmt, device=backend)

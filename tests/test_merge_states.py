@@ -1,4 +1,5 @@
-"""helix.merge_states against its float64 reference, on CPU and (where present) CUDA."""
+"""helix.merge_states against its float64 reference, on CPU, CUDA (where present) and the emulated CUDA
+kernel (the SIMT host runtime, device "simt")."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 import helix_ext
 from helix_ext.reference import merge_states_reference
-from conftest import DEVICES
+from conftest import DEVICES, DEVICES_AND_SIMT, call_op, tensor_device
 from tolerance import assert_close_to_reference
 
 NEG_INF = float("-inf")
@@ -27,11 +28,12 @@ def make_parts(num_parts: int, batch: int, heads: int, head_dim: int, dtype: tor
         absent[:, 0, 0] = True
     parts_lse[absent] = NEG_INF
     parts_out[absent] = float("nan")
-    return parts_out.to(device), parts_lse.to(device)
+    return parts_out.to(tensor_device(device)), parts_lse.to(tensor_device(device))
 
 
-def check_against_reference(parts_out: torch.Tensor, parts_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = helix_ext.merge_states(parts_out, parts_lse)
+def check_against_reference(parts_out: torch.Tensor, parts_lse: torch.Tensor,
+                            device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = call_op(device or parts_out.device.type, "merge_states", parts_out, parts_lse)
     assert out.dtype == parts_out.dtype and lse.dtype == torch.float32
     assert out.device == parts_out.device and lse.device == parts_out.device
     assert out.is_contiguous() and lse.is_contiguous()
@@ -43,22 +45,22 @@ def check_against_reference(parts_out: torch.Tensor, parts_lse: torch.Tensor) ->
     return out, lse
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("num_parts", [1, 2, 3, 8, 64])
 @pytest.mark.parametrize("head_dim", [7, 128])
 def test_matches_reference(device, dtype, num_parts, head_dim):
     parts_out, parts_lse = make_parts(num_parts, 3, 5, head_dim, dtype, device)
-    out, lse = check_against_reference(parts_out, parts_lse)
+    out, lse = check_against_reference(parts_out, parts_lse, device)
     # Row (0, 0) has every part absent: exactly 0 and -inf.
     assert torch.all(out[0, 0] == 0) and lse[0, 0].item() == NEG_INF
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("head_dim", [1, 8, 64, 512, 769, 1024])
 def test_head_dims(device, head_dim):
     parts_out, parts_lse = make_parts(4, 2, 3, head_dim, torch.bfloat16, device)
-    check_against_reference(parts_out, parts_lse)
+    check_against_reference(parts_out, parts_lse, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,12 +70,12 @@ def test_many_parts_and_rows(device):
     check_against_reference(parts_out, parts_lse)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("offset", [1000.0, -1000.0])
 def test_huge_lse_magnitudes(device, dtype, offset):
     parts_out, parts_lse = make_parts(8, 4, 6, 32, dtype, device, lse_scale=30.0, lse_offset=offset)
-    out, lse = check_against_reference(parts_out, parts_lse)
+    out, lse = check_against_reference(parts_out, parts_lse, device)
     present = lse != NEG_INF
     assert torch.isfinite(out).all() and torch.isfinite(lse[present]).all()
 
@@ -113,9 +115,10 @@ def test_associativity(device, dtype):
     assert_close_to_reference(staged_lse, ref_lse, whole_lse, ulps=4.0, accumulated_terms=12, name="staged lse")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("layout", ["sliced_head_dim", "permuted", "strided_head_dim", "expanded_lse"])
 def test_strided_inputs(device, layout):
+    backend, device = device, tensor_device(device)
     num_parts, batch, heads, head_dim = 4, 3, 5, 64
     if layout == "sliced_head_dim":  # a view into a wider buffer: D contiguous, rows strided
         parts_out = torch.randn(num_parts, batch, heads, head_dim + 16, device=device)[..., :head_dim]
@@ -130,8 +133,8 @@ def test_strided_inputs(device, layout):
         parts_out = torch.randn(num_parts, batch, heads, head_dim, device=device)
         parts_lse = torch.randn(num_parts, 1, 1, device=device).expand(num_parts, batch, heads)
     parts_lse = parts_lse * 3
-    check_against_reference(parts_out.to(torch.bfloat16), parts_lse)
-    check_against_reference(parts_out, parts_lse)
+    check_against_reference(parts_out.to(torch.bfloat16), parts_lse, backend)
+    check_against_reference(parts_out, parts_lse, backend)
 
 
 @pytest.mark.parametrize("device", DEVICES)

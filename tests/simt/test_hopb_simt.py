@@ -1,0 +1,70 @@
+"""The HOP-B signal and combine kernels on the SIMT host runtime, with virtual peers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from helix_ext import simt
+from helix_ext.reference import merge_states_reference
+from tolerance import assert_close_to_reference
+
+pytestmark = pytest.mark.simt
+
+
+def virtual_peers(num_peers, rows, heads, dim, dtype, signalling=None, slot=1):
+    outs = [torch.randn(rows, heads, dim).to(dtype) for _ in range(num_peers)]
+    lses = [torch.randn(rows, heads) * 3 for _ in range(num_peers)]
+    lses[0][0, 0] = float("-inf")
+    flags = [torch.zeros(4, dtype=torch.int32) for _ in range(num_peers)]
+    for peer in range(num_peers) if signalling is None else signalling:
+        torch.ops.helix_simt.hopb_signal(flags[peer], torch.zeros(4, dtype=torch.int32), slot)
+    epoch = torch.zeros(4, dtype=torch.int32)
+    torch.ops.helix_simt.hopb_signal(torch.zeros(4, dtype=torch.int32), epoch, slot)  # this rank: epoch 1
+    return outs, lses, flags, epoch
+
+
+def test_signal_bumps_the_epoch_and_publishes_it():
+    flags, epoch = torch.zeros(4, dtype=torch.int32), torch.tensor([0, 5, 0, 0], dtype=torch.int32)
+    torch.ops.helix_simt.hopb_signal(flags, epoch, 1)
+    assert epoch.tolist() == [0, 6, 0, 0] and flags.tolist() == [0, 6, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dim", [7, 64])  # scalar and 16-byte paths
+@pytest.mark.parametrize("num_peers", [1, 3])
+def test_combine_equals_the_merge(dtype, dim, num_peers):
+    simt.module().reset_publications()
+    outs, lses, flags, epoch = virtual_peers(num_peers, 5, 3, dim, dtype)
+    error = torch.zeros(1, dtype=torch.int32)
+    out, lse = simt.run_all_schedules(torch.ops.helix_simt.hopb_combine, outs, lses, flags, epoch, 1, 5.0, error,
+                                      multiprocessor_count=1)
+    reference_out, reference_lse = merge_states_reference(torch.stack(outs), torch.stack(lses), out_dtype=torch.float64)
+    base_out, base_lse = merge_states_reference(torch.stack(outs), torch.stack(lses), compute_dtype=torch.float32)
+    assert_close_to_reference(out, reference_out, base_out, accumulated_terms=num_peers, name="out")
+    assert_close_to_reference(lse, reference_lse, base_lse, accumulated_terms=num_peers, name="lse")
+    assert error.item() == 0
+
+
+def test_a_peer_that_never_signals_times_out_with_its_number():
+    simt.module().reset_publications()
+    outs, lses, flags, epoch = virtual_peers(3, 4, 2, 16, torch.bfloat16, signalling=[0])
+    error = torch.zeros(1, dtype=torch.int32)
+    torch.ops.helix_simt.hopb_combine(outs, lses, flags, epoch, 1, 0.05, error)
+    assert error.item() == 2, "peer 1 (reported as 1 + peer) never signalled"
+
+
+def test_combine_waits_for_a_late_peer():
+    # The emulated acquire loads see a flag another host thread publishes while the kernel spins.
+    simt.module().reset_publications()
+    outs, lses, flags, epoch = virtual_peers(2, 4, 2, 16, torch.float32, signalling=[0])
+    late = flags[1]
+    timer = threading.Timer(0.2, lambda: torch.ops.helix.hopb_signal(late, torch.zeros(4, dtype=torch.int32), 1))
+    timer.start()
+    error = torch.zeros(1, dtype=torch.int32)
+    out, _ = torch.ops.helix_simt.hopb_combine(outs, lses, flags, epoch, 1, 10.0, error)
+    timer.join()
+    assert error.item() == 0
+    assert torch.equal(out, torch.ops.helix_simt.merge_states(torch.stack(outs), torch.stack(lses))[0])
