@@ -14,4 +14,4 @@ cmake:  ## the CMake build of the same library, loaded and smoke-tested
 	scripts/setup_env.sh && scripts/cmake_check.sh
 
 clean:
-	rm -rf build helix_ext/_C*.so *.egg-info
+	rm -rf build helix_ext/_C*.so helix_ext/_simt*.so *.egg-info

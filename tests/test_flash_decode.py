@@ -80,14 +80,14 @@ class Case:
 LENGTHS = [0, 1, 15, 16, 17, 100]  # with block_size 16: empty, one token, block_size - 1, +0, +1, several
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("group", [1, 2, 3, 5, 7, 8, 16])
 def test_gqa_groups_and_head_dims(device, head_dim, group):
     Case(LENGTHS, num_q_heads=2 * group, num_kv_heads=2, head_dim_k=head_dim, device=device).check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
 def test_group_of_128_heads(device, num_kv_heads):
     Case([0, 33, 130], num_q_heads=128 * num_kv_heads, num_kv_heads=num_kv_heads, head_dim_k=128,
@@ -132,7 +132,7 @@ def test_mla(device, num_q_heads, q_dtype, fp8):
          block_size=64, q_dtype=q_dtype, kv_dtype=FP8 if fp8 else q_dtype, mla=True, device=device).check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 def test_long_sequences(device):
     # Longer than one CPU chunk (2048 tokens) and many GPU tiles and splits.
     Case([5000, 2049, 1], num_q_heads=16, num_kv_heads=2, head_dim_k=128, block_size=64, device=device).check()

@@ -203,7 +203,7 @@ def test_grouped_gemm_group_patterns(device, fmt, group_sizes):
     check_grouped_gemm(group_sizes, n=96, k=256, fmt=fmt, device=device, extra_rows=3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_grouped_gemm_256_tiny_groups(device, fmt):
     sizes = torch.randint(0, 4, (256,)).tolist()

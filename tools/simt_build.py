@@ -29,7 +29,9 @@ def include_dirs(cuda_include: str) -> list[str]:
 def compile_flags() -> list[str]:
     # -O2: the emulated suite's time is mostly the runtime's collectives. The planted-defect hooks
     # are compiled in (runtime switches, off unless a test turns one on).
-    return ["-O2", "-g1", "-std=c++20", "-DHELIX_SIMT", "-DHELIX_PLANTED_DEFECTS", *SANITIZERS]
+    # -fno-wrapv undoes Python's -fwrapv (from its build flags), under which signed overflow is
+    # defined and UBSan would never report it.
+    return ["-O2", "-g1", "-std=c++20", "-fno-wrapv", "-DHELIX_SIMT", "-DHELIX_PLANTED_DEFECTS", *SANITIZERS]
 
 
 def link_flags() -> list[str]:

@@ -205,6 +205,7 @@ enum HazardProbe {
   kSharedOutOfBounds = 3,   // a cp.async past the end of the dynamic shared memory
   kUninitializedShared = 4, // shared memory read that nothing wrote
   kRace = 5,                // a neighbour's shared value read without a barrier
+  kSignedOverflow = 6,      // int arithmetic past INT32_MAX (UBSan)
 };
 
 void hazard_probe_kernel(int kind, const float* source, float* out) {
@@ -242,6 +243,11 @@ void hazard_probe_kernel(int kind, const float* source, float* out) {
       shared[tid] = source[tid];
       out[tid] = shared[(tid + 1) % 32];
       break;
+    case kSignedOverflow: {
+      const int large = static_cast<int>(source[127]) * 16909320;  // 127 * 16909320 < 2^31
+      out[tid] = static_cast<float>(large + tid * 1000000);          // overflows for tid >= 1
+      break;
+    }
   }
 }
 

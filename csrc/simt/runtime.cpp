@@ -134,7 +134,8 @@ struct Fiber {
   Stack stack;
   FiberState state = FiberState::kReady;
   bool started = false;    // has run: its stack holds frames to unwind if the CTA is abandoned
-  std::string waiting_at;  // what a blocked thread waits for
+  const char* waiting_for = nullptr;  // what a blocked thread waits in, and where (formatted only
+  Location waiting_where;             // for a report: blocking happens at every collective)
   bool fenced = false;     // a fence.sys since this thread's last system-scope store
   std::vector<AsyncCopy> open_group;
   std::deque<std::vector<AsyncCopy>> committed_groups;
@@ -357,16 +358,17 @@ void yield_to_scheduler(Fiber& fiber, bool exiting) {
   if (g_cta->aborting) throw AbortFiber{};
 }
 
-void block_here(Fiber& fiber, std::string what) {
+void block_here(Fiber& fiber, const char* what, const Location& where) {
   fiber.state = FiberState::kBlocked;
-  fiber.waiting_at = std::move(what);
+  fiber.waiting_for = what;
+  fiber.waiting_where = where;
   yield_to_scheduler(fiber, false);
 }
 
 void make_ready(int tid) {
   Fiber& fiber = (*g_cta->fibers)[tid];
   fiber.state = FiberState::kReady;
-  fiber.waiting_at.clear();
+  fiber.waiting_for = nullptr;
   g_cta->ready.push(tid);
 }
 
@@ -425,7 +427,7 @@ void prepare_fiber(Fiber& fiber) {
   fiber.stack_pointer = slots;
   fiber.started = false;
   fiber.state = FiberState::kReady;
-  fiber.waiting_at.clear();
+  fiber.waiting_for = nullptr;
   fiber.open_group.clear();
   fiber.committed_groups.clear();
   fiber.fake_stack = nullptr;
@@ -546,7 +548,7 @@ Collective& arrive(Fiber& fiber, int kind, unsigned mask, const Location& where,
     }
     return *joined;  // the last lane to arrive goes on without yielding
   }
-  block_here(fiber, std::string(collective_name(kind)) + " at " + where_text(where));
+  block_here(fiber, collective_name(kind), where);
   return *joined;
 }
 
@@ -730,7 +732,9 @@ void run_cta(std::vector<Fiber>& fibers) {
     // Nothing is ready but some threads wait: a deadlock. Name every wait.
     std::map<std::string, std::vector<int>> waits;
     for (const Fiber& fiber : fibers) {
-      if (fiber.state == FiberState::kBlocked) waits[fiber.waiting_at].push_back(fiber.tid);
+      if (fiber.state == FiberState::kBlocked) {
+        waits[std::string(fiber.waiting_for) + " at " + where_text(fiber.waiting_where)].push_back(fiber.tid);
+      }
     }
     std::ostringstream text;
     text << "deadlock: no thread can progress;";
@@ -776,7 +780,7 @@ void sync_threads(Location where) {
     return;
   }
   check_barrier_complete();
-  block_here(fiber, "__syncthreads at " + where_text(where));
+  block_here(fiber, "__syncthreads", where);
 }
 
 void sync_warp(unsigned mask, Location where) {

@@ -68,3 +68,15 @@ def test_combine_waits_for_a_late_peer():
     timer.join()
     assert error.item() == 0
     assert torch.equal(out, torch.ops.helix_simt.merge_states(torch.stack(outs), torch.stack(lses))[0])
+
+
+def test_combine_grid_stride():
+    # 32 * 8 rows of 64 fp32 (4096 16-byte vectors) for the 8 CTAs of 256 threads one SM gets.
+    simt.module().reset_publications()
+    outs, lses, flags, epoch = virtual_peers(2, 32, 8, 64, torch.float32)
+    error = torch.zeros(1, dtype=torch.int32)
+    out, lse = simt.run_all_schedules(torch.ops.helix_simt.hopb_combine, outs, lses, flags, epoch, 1, 5.0, error,
+                                      multiprocessor_count=1)
+    expected_out, expected_lse = simt.run_all_schedules(torch.ops.helix_simt.merge_states, torch.stack(outs),
+                                                        torch.stack(lses))
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse) and error.item() == 0

@@ -3,6 +3,10 @@ must report it (an error naming it, a poisoned value, or a result that changes w
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -10,7 +14,7 @@ from helix_ext import simt
 
 pytestmark = pytest.mark.simt
 
-DIVERGENT_BARRIER, COLLECTIVE_DEADLOCK, READ_BEFORE_WAIT, SHARED_OUT_OF_BOUNDS, UNINITIALIZED, RACE = range(6)
+DIVERGENT_BARRIER, COLLECTIVE_DEADLOCK, READ_BEFORE_WAIT, SHARED_OUT_OF_BOUNDS, UNINITIALIZED, RACE, OVERFLOW = range(7)
 
 
 def probe(kind):
@@ -61,3 +65,12 @@ def test_the_launch_checks_the_configuration():
     lse = torch.randn(2, 3, 4)
     out, _ = torch.ops.helix_simt.merge_states(x, lse)  # a valid launch runs
     assert out.shape == (3, 4, 8)
+
+
+def test_signed_overflow_in_a_kernel_stops_the_process():
+    # UBSan is built in and fatal: a child process, since the report ends it.
+    code = "import torch, helix_ext.simt\ntorch.ops.helix_simt.probe_hazard(%d)\nprint('not caught')\n" % OVERFLOW
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                            timeout=300)
+    assert result.returncode != 0 and "not caught" not in result.stdout
+    assert "runtime error: signed integer overflow" in result.stderr, result.stderr[-3000:]
