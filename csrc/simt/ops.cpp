@@ -261,6 +261,22 @@ at::Tensor probe_hazard(int64_t kind) {
   return out;
 }
 
+// The flash_decode kernel's fp8 widening (cvt.rn.f16x2.e4m3x2, PTX ISA 9.7.9.21; on the host the
+// toolkit's cuda_fp8.hpp computes it) on every 16-bit pair: pairs [N] int32 -> [N] int32 words.
+at::Tensor probe_widen_fp8(const at::Tensor& pairs, bool bf16) {
+  TORCH_CHECK(pairs.dim() == 1 && pairs.scalar_type() == at::kInt, "probe_widen_fp8: pairs must be 1-D int32");
+  const at::Tensor input = pairs.contiguous();
+  at::Tensor words = at::empty_like(input);
+  const int32_t* in = input.const_data_ptr<int32_t>();
+  int32_t* out = words.mutable_data_ptr<int32_t>();
+  for (int64_t i = 0; i < input.numel(); ++i) {
+    const auto pair = static_cast<uint16_t>(in[i] & 0xFFFF);
+    const uint32_t word = bf16 ? detail::widen_fp8_pair<__nv_bfloat16>(pair) : detail::widen_fp8_pair<__half>(pair);
+    out[i] = static_cast<int32_t>(word);
+  }
+  return words;
+}
+
 pybind11::dict get_settings() {
   const Settings& s = settings();
   pybind11::dict out;
@@ -292,7 +308,8 @@ TORCH_LIBRARY(helix_simt, m) {
   helix::define_op_schemas(m);
   m.def("probe_mma(Tensor a, Tensor b, Tensor c, bool bf16) -> Tensor");
   m.def("probe_ldmatrix(Tensor rows, bool transposed) -> Tensor");
-  m.def("probe_hazard(int kind) -> Tensor", &helix::simt::probe_hazard);  // no tensor argument: a catch-all kernel
+  m.def("probe_hazard(int kind) -> Tensor", &helix::simt::probe_hazard);
+  m.def("probe_widen_fp8(Tensor pairs, bool bf16) -> Tensor");  // no tensor argument: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(helix_simt, CPU, m) {
@@ -305,6 +322,7 @@ TORCH_LIBRARY_IMPL(helix_simt, CPU, m) {
   m.impl("hopb_combine", &helix::simt::hopb_combine_simt);
   m.impl("probe_mma", &helix::simt::probe_mma);
   m.impl("probe_ldmatrix", &helix::simt::probe_ldmatrix);
+  m.impl("probe_widen_fp8", &helix::simt::probe_widen_fp8);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

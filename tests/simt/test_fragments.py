@@ -98,3 +98,19 @@ def test_ldmatrix_matches_cute_layouts(transposed):
                 source_row, element = bit // 128, (bit % 128) // 16
                 got = (int(fragment_bits[t, register]) >> (16 * half)) & 0xFFFF
                 assert got == int(row_bits[source_row, element]), (t, register, half)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16x2", "bf16x2"])
+def test_fp8_pair_widening_is_exact_for_every_pair(dtype):
+    # cvt.rn.f16x2.e4m3x2 (PTX ISA 9.7.9.21): the low byte lands in the low half. Every E4M3
+    # value is exact in fp16 and bf16, so each half must equal torch's conversion, NaN for NaN.
+    pairs = torch.arange(1 << 16, dtype=torch.int32)
+    words = torch.ops.helix_simt.probe_widen_fp8(pairs, dtype == torch.bfloat16)
+    for half in range(2):
+        codes = ((pairs >> (8 * half)) & 0xFF).to(torch.uint8).view(torch.float8_e4m3fn)
+        expected = codes.to(dtype).float()
+        bits = ((words >> (16 * half)) & 0xFFFF).to(torch.int32)
+        got = (bits.to(torch.int16).view(dtype)).float()
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan], expected[~nan])
