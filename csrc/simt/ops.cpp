@@ -261,6 +261,43 @@ at::Tensor probe_hazard(int64_t kind) {
   return out;
 }
 
+// flash_decode's split merge as its launcher runs it (fp32 partials in, q's dtype out), for any
+// head dim: the launcher only ever takes the 16-byte path (Dv is a multiple of 4), this reaches
+// the scalar instance too. parts_out [P, B, H, D] fp32, parts_lse [P, B, H] -> out, lse.
+std::tuple<at::Tensor, at::Tensor> probe_split_merge(const at::Tensor& parts_out, const at::Tensor& parts_lse,
+                                                     at::ScalarType out_dtype) {
+  check_merge_states_args(parts_out, parts_lse);
+  TORCH_CHECK(parts_out.scalar_type() == at::kFloat, "probe_split_merge: parts_out must be float32");
+  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "probe_split_merge: out_dtype is bf16 or fp16");
+  EmulatedCall call("probe_split_merge", parts_out);
+  const at::Tensor parts = parts_out.contiguous(), lses = parts_lse.contiguous();
+  at::Tensor out = at::empty({parts.size(1), parts.size(2), parts.size(3)}, parts.options().dtype(out_dtype));
+  at::Tensor lse = at::empty({parts.size(1), parts.size(2)}, parts.options());
+  MergeStatesParams merge{};
+  merge.parts_out = parts.const_data_ptr();
+  merge.parts_lse = lses.const_data_ptr<float>();
+  merge.out = out.mutable_data_ptr();
+  merge.out_lse = lse.mutable_data_ptr<float>();
+  merge.num_parts = static_cast<int>(parts.size(0));
+  merge.num_heads = static_cast<int>(parts.size(2));
+  merge.head_dim = parts.size(3);
+  merge.num_rows = parts.size(1) * parts.size(2);
+  merge.out_stride_part = parts.stride(0);
+  merge.out_stride_batch = parts.stride(1);
+  merge.out_stride_head = parts.stride(2);
+  merge.out_stride_dim = 1;
+  merge.lse_stride_part = lses.stride(0);
+  merge.lse_stride_batch = lses.stride(1);
+  merge.lse_stride_head = lses.stride(2);
+  const int sms = call.context().multiprocessor_count;
+  if (out_dtype == at::kBFloat16) {
+    HELIX_CUDA_CHECK((launch_merge_states<float, __nv_bfloat16>(merge, sms, nullptr)));
+  } else {
+    HELIX_CUDA_CHECK((launch_merge_states<float, __half>(merge, sms, nullptr)));
+  }
+  return {out, lse};
+}
+
 // The flash_decode kernel's fp8 widening (cvt.rn.f16x2.e4m3x2, PTX ISA 9.7.9.21; on the host the
 // toolkit's cuda_fp8.hpp computes it) on every 16-bit pair: pairs [N] int32 -> [N] int32 words.
 at::Tensor probe_widen_fp8(const at::Tensor& pairs, bool bf16) {
@@ -309,7 +346,8 @@ TORCH_LIBRARY(helix_simt, m) {
   m.def("probe_mma(Tensor a, Tensor b, Tensor c, bool bf16) -> Tensor");
   m.def("probe_ldmatrix(Tensor rows, bool transposed) -> Tensor");
   m.def("probe_hazard(int kind) -> Tensor", &helix::simt::probe_hazard);
-  m.def("probe_widen_fp8(Tensor pairs, bool bf16) -> Tensor");  // no tensor argument: a catch-all kernel
+  m.def("probe_widen_fp8(Tensor pairs, bool bf16) -> Tensor");
+  m.def("probe_split_merge(Tensor parts_out, Tensor parts_lse, ScalarType out_dtype) -> (Tensor, Tensor)");  // no tensor argument: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(helix_simt, CPU, m) {
@@ -323,6 +361,7 @@ TORCH_LIBRARY_IMPL(helix_simt, CPU, m) {
   m.impl("probe_mma", &helix::simt::probe_mma);
   m.impl("probe_ldmatrix", &helix::simt::probe_ldmatrix);
   m.impl("probe_widen_fp8", &helix::simt::probe_widen_fp8);
+  m.impl("probe_split_merge", &helix::simt::probe_split_merge);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
