@@ -17,7 +17,6 @@
 #include <random>
 #include <set>
 #include <sstream>
-#include <thread>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -259,10 +258,8 @@ class ReadyQueue {
 struct AbortFiber {};  // unwinds a blocked fiber's stack when its CTA is abandoned
 
 struct Cta {
-  const char* kernel_name = "";
   const KernelBody* body = nullptr;
   int num_threads = 0;
-  dim3 block;
   std::vector<Fiber>* fibers = nullptr;
   ReadyQueue ready;
   int done = 0;
@@ -282,7 +279,6 @@ struct Cta {
   // warp collectives in flight, per warp
   std::vector<std::vector<std::unique_ptr<Collective>>> collectives;
   std::vector<std::unique_ptr<Collective>> spare_collectives;  // reused: a collective is ~3 KB
-  std::vector<Collective*> lane_collective;  // what each blocked thread waits in
 };
 
 thread_local Settings g_settings;
@@ -393,7 +389,7 @@ extern "C" void fiber_main(Fiber* fiber) {
     fail("thread " + std::to_string(fiber->tid) + ": unknown exception");
   }
   // Copies still in flight land when the thread exits (the hardware completes them).
-  fiber->open_group.size() ? fiber->committed_groups.push_back(std::move(fiber->open_group)) : void();
+  if (!fiber->open_group.empty()) fiber->committed_groups.push_back(std::move(fiber->open_group));
   for (auto& group : fiber->committed_groups) land_group(group);
   fiber->committed_groups.clear();
   fiber->state = FiberState::kDone;
@@ -539,7 +535,6 @@ Collective& arrive(Fiber& fiber, int kind, unsigned mask, const Location& where,
   }
   deposit(*joined, lane);
   joined->arrived |= 1u << lane;
-  cta.lane_collective[fiber.tid] = joined;
   if (joined->arrived == mask) {
     complete_collective(*joined, warp);
     joined->done = true;
@@ -555,7 +550,6 @@ Collective& arrive(Fiber& fiber, int kind, unsigned mask, const Location& where,
 // Drops completed collectives once every member lane has read its result.
 void leave(Fiber& fiber, Collective& collective) {
   const int warp = warp_of(fiber.tid), lane = fiber.tid % 32;
-  g_cta->lane_collective[fiber.tid] = nullptr;
   collective.arrived &= ~(1u << lane);
   if (collective.arrived == 0) {
     auto& list = g_cta->collectives[warp];
@@ -1041,13 +1035,10 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
   std::string error;
   for (const uint3& index : blocks) {
     Cta cta;
-    cta.kernel_name = name;
     cta.body = &body;
     cta.num_threads = static_cast<int>(threads);
-    cta.block = block;
     cta.fibers = &fibers;
     cta.collectives.resize((threads + 31) / 32);
-    cta.lane_collective.assign(threads, nullptr);
     // Exact-size shared memory, poisoned: ASan sees any access past its end, and a read of a
     // byte nobody wrote gives the poison (NaN for floats) instead of a plausible value.
     std::unique_ptr<unsigned char[]> smem(new unsigned char[dynamic_smem > 0 ? dynamic_smem : 1]);
