@@ -15,7 +15,7 @@
 #include "cuda/launch_context.h"
 #include "flash_decode_args.h"
 #include "flash_decode_variants.h"
-#include "helix/merge_states_kernel.cuh"
+#include "merge_states_launch.h"
 
 namespace helix {
 namespace flash_decode_launch {
@@ -170,28 +170,7 @@ inline std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Ten
   params.partial_lse = partial_lse.mutable_data_ptr<float>();
   HELIX_CUDA_CHECK(variant.launch(params, info, stream));
 
-  MergeStatesParams merge{};
-  merge.parts_out = partial_out.const_data_ptr();
-  merge.parts_lse = partial_lse.const_data_ptr<float>();
-  merge.out = out.mutable_data_ptr();
-  merge.out_lse = lse.mutable_data_ptr<float>();
-  merge.num_parts = params.num_splits;
-  merge.num_heads = params.num_q_heads;
-  merge.head_dim = shape.head_dim_v;
-  merge.num_rows = shape.batch * shape.num_q_heads;
-  merge.out_stride_part = partial_out.stride(0);
-  merge.out_stride_batch = partial_out.stride(1);
-  merge.out_stride_head = partial_out.stride(2);
-  merge.out_stride_dim = 1;
-  merge.lse_stride_part = partial_lse.stride(0);
-  merge.lse_stride_batch = partial_lse.stride(1);
-  merge.lse_stride_head = partial_lse.stride(2);
-  const int sms = context.multiprocessor_count;
-  if (bf16) {
-    HELIX_CUDA_CHECK((launch_merge_states<float, __nv_bfloat16>(merge, sms, stream)));
-  } else {
-    HELIX_CUDA_CHECK((launch_merge_states<float, __half>(merge, sms, stream)));
-  }
+  launch_split_merge(partial_out, partial_lse, out, lse, context);
   return {out, lse};
 }
 

@@ -1,5 +1,5 @@
-// merge_states launcher body, device-agnostic: checks, parameters, and the torch-free launch of
-// helix/merge_states_kernel.cuh. Shared by the CUDA op (merge_states.cu) and the SIMT host
+// merge_states launcher bodies, device-agnostic: parameters and the torch-free launch of
+// helix/merge_states_kernel.cuh, for the op and for flash_decode's split merge. Shared by the CUDA op (merge_states.cu) and the SIMT host
 // runtime's (csrc/simt/ops.cpp), so the emulated launch is the real one.
 #pragma once
 
@@ -13,10 +13,11 @@
 
 namespace helix {
 
-// Merges into out/out_lse (allocated by allocate_merge_states_outputs, non-empty).
-inline void launch_merge_states_op(const at::Tensor& parts_out, const at::Tensor& parts_lse, at::Tensor& out,
-                                   at::Tensor& out_lse, const LaunchContext& context) {
-  MergeStatesParams params;
+// Kernel parameters of the merge of parts_out [P, B, H, D] / parts_lse [P, B, H] (any strides)
+// into out [B, H, D] / out_lse [B, H] (contiguous).
+inline MergeStatesParams merge_states_params(const at::Tensor& parts_out, const at::Tensor& parts_lse,
+                                             at::Tensor& out, at::Tensor& out_lse) {
+  MergeStatesParams params{};
   params.parts_out = parts_out.const_data_ptr();
   params.parts_lse = parts_lse.const_data_ptr<float>();
   params.out = out.mutable_data_ptr();
@@ -32,7 +33,14 @@ inline void launch_merge_states_op(const at::Tensor& parts_out, const at::Tensor
   params.lse_stride_part = parts_lse.stride(0);
   params.lse_stride_batch = parts_lse.stride(1);
   params.lse_stride_head = parts_lse.stride(2);
+  return params;
+}
 
+// merge_states: parts and out in one dtype; out/out_lse allocated by
+// allocate_merge_states_outputs, non-empty.
+inline void launch_merge_states_op(const at::Tensor& parts_out, const at::Tensor& parts_lse, at::Tensor& out,
+                                   at::Tensor& out_lse, const LaunchContext& context) {
+  const MergeStatesParams params = merge_states_params(parts_out, parts_lse, out, out_lse);
   const int sms = context.multiprocessor_count;
   const cudaStream_t stream = context.stream;
   switch (parts_out.scalar_type()) {
@@ -42,6 +50,17 @@ inline void launch_merge_states_op(const at::Tensor& parts_out, const at::Tensor
       HELIX_CUDA_CHECK((launch_merge_states<__nv_bfloat16, __nv_bfloat16>(params, sms, stream)));
       break;
     default: TORCH_CHECK(false, "merge_states: unsupported parts_out dtype ", parts_out.scalar_type());
+  }
+}
+
+// flash_decode's split merge: fp32 partials [splits, B, Hq, Dv] into out in q's dtype (bf16/fp16).
+inline void launch_split_merge(const at::Tensor& partial_out, const at::Tensor& partial_lse, at::Tensor& out,
+                               at::Tensor& out_lse, const LaunchContext& context) {
+  const MergeStatesParams params = merge_states_params(partial_out, partial_lse, out, out_lse);
+  if (out.scalar_type() == at::kBFloat16) {
+    HELIX_CUDA_CHECK((launch_merge_states<float, __nv_bfloat16>(params, context.multiprocessor_count, context.stream)));
+  } else {
+    HELIX_CUDA_CHECK((launch_merge_states<float, __half>(params, context.multiprocessor_count, context.stream)));
   }
 }
 

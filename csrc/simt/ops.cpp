@@ -270,31 +270,10 @@ std::tuple<at::Tensor, at::Tensor> probe_split_merge(const at::Tensor& parts_out
   TORCH_CHECK(parts_out.scalar_type() == at::kFloat, "probe_split_merge: parts_out must be float32");
   TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "probe_split_merge: out_dtype is bf16 or fp16");
   EmulatedCall call("probe_split_merge", parts_out);
-  const at::Tensor parts = parts_out.contiguous(), lses = parts_lse.contiguous();
-  at::Tensor out = at::empty({parts.size(1), parts.size(2), parts.size(3)}, parts.options().dtype(out_dtype));
-  at::Tensor lse = at::empty({parts.size(1), parts.size(2)}, parts.options());
-  MergeStatesParams merge{};
-  merge.parts_out = parts.const_data_ptr();
-  merge.parts_lse = lses.const_data_ptr<float>();
-  merge.out = out.mutable_data_ptr();
-  merge.out_lse = lse.mutable_data_ptr<float>();
-  merge.num_parts = static_cast<int>(parts.size(0));
-  merge.num_heads = static_cast<int>(parts.size(2));
-  merge.head_dim = parts.size(3);
-  merge.num_rows = parts.size(1) * parts.size(2);
-  merge.out_stride_part = parts.stride(0);
-  merge.out_stride_batch = parts.stride(1);
-  merge.out_stride_head = parts.stride(2);
-  merge.out_stride_dim = 1;
-  merge.lse_stride_part = lses.stride(0);
-  merge.lse_stride_batch = lses.stride(1);
-  merge.lse_stride_head = lses.stride(2);
-  const int sms = call.context().multiprocessor_count;
-  if (out_dtype == at::kBFloat16) {
-    HELIX_CUDA_CHECK((launch_merge_states<float, __nv_bfloat16>(merge, sms, nullptr)));
-  } else {
-    HELIX_CUDA_CHECK((launch_merge_states<float, __half>(merge, sms, nullptr)));
-  }
+  at::Tensor out = at::empty({parts_out.size(1), parts_out.size(2), parts_out.size(3)},
+                             parts_out.options().dtype(out_dtype));
+  at::Tensor lse = at::empty({parts_out.size(1), parts_out.size(2)}, parts_out.options());
+  launch_split_merge(parts_out, parts_lse, out, lse, call.context());
   return {out, lse};
 }
 

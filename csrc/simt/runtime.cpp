@@ -154,7 +154,8 @@ struct Collective {
   uint32_t address[32];
   uint32_t a[32][4], b[32][2];
   float c[32][4];
-  bool flag = false;  // ldmatrix: transposed; mma: bf16; vote: kind
+  bool flag = false;  // ldmatrix: transposed; mma: bf16
+  int mode = 0;       // shuffle: idx/up/down/xor; vote: ballot/all/any
   // results
   uint64_t result[32];
   uint32_t fragment[32][4];
@@ -485,7 +486,7 @@ void check_collectives_after_exit(int tid) {
 
 // Joins (or opens) the collective of this lane's warp with the same mask; blocks until every
 // lane of the mask has arrived; returns the completed collective (owned by the CTA until all
-// its lanes have read their results, see leave()). The shuffle mode travels in `address`.
+// its lanes have read their results, see leave()).
 
 template <typename Deposit>
 Collective& arrive(Fiber& fiber, int kind, unsigned mask, const Location& where, const Deposit& deposit) {
@@ -526,6 +527,7 @@ Collective& arrive(Fiber& fiber, int kind, unsigned mask, const Location& where,
     joined->arrived = 0;
     joined->width = 32;
     joined->flag = false;
+    joined->mode = 0;
     joined->done = false;
   } else if (joined->kind != kind || joined->where.line() != where.line() ||
              strcmp(joined->where.file_name(), where.file_name()) != 0) {
@@ -597,7 +599,7 @@ void complete_collective(Collective& c, int warp) {
         const int width = c.width, base = lane & ~(width - 1), operand = c.operand[lane];
         int source = lane;
         bool inside = true;
-        const int mode = c.address[lane];
+        const int mode = c.mode;
         if (mode == 0) {
           source = base + (operand & (width - 1));
         } else if (mode == 1) {
@@ -625,7 +627,7 @@ void complete_collective(Collective& c, int warp) {
         if ((mask >> lane & 1u) && c.value[lane]) ballot |= 1u << lane;
       }
       for (int lane = 0; lane < 32; ++lane) {
-        const int mode = c.operand[lane];
+        const int mode = c.mode;
         c.result[lane] = mode == 0 ? ballot : mode == 1 ? (ballot == mask) : (ballot != 0);
       }
       break;
@@ -792,7 +794,7 @@ uint64_t shuffle(uint64_t value, int kind, unsigned mask, int operand, int width
   Collective& c = arrive(fiber, kShuffle, mask, where, [&](Collective& c, int lane) {
     c.value[lane] = value;
     c.operand[lane] = operand;
-    c.address[lane] = static_cast<uint32_t>(kind);
+    c.mode = kind;
     c.width = width;
   });
   const uint64_t result = c.result[fiber.tid % 32];
@@ -804,7 +806,7 @@ unsigned vote(int kind, unsigned mask, bool predicate, Location where) {
   Fiber& fiber = current_fiber("vote");
   Collective& c = arrive(fiber, kVote, mask, where, [&](Collective& c, int lane) {
     c.value[lane] = predicate;
-    c.operand[lane] = kind;
+    c.mode = kind;
   });
   const unsigned result = static_cast<unsigned>(c.result[fiber.tid % 32]);
   leave(fiber, c);
