@@ -20,6 +20,19 @@ struct FlashDecodeShape {
   bool mla;  // v_cache is None: V is the first head_dim_v dims of k_cache
 };
 
+// A size-1 dim's stride never matters: such a last dim is contiguous whatever its stride.
+inline bool last_dim_contiguous(const at::Tensor& tensor) {
+  return tensor.size(-1) <= 1 || tensor.stride(-1) == 1;
+}
+
+// Tokens one block_table row addresses (max_blocks * block_size), saturated at INT64_MAX: an
+// expanded block_table may claim 2^62 columns, and the product must not overflow.
+inline int64_t block_table_capacity(const FlashDecodeShape& shape) {
+  int64_t capacity = 0;
+  if (__builtin_mul_overflow(shape.max_blocks_per_seq, shape.block_size, &capacity)) return INT64_MAX;
+  return capacity;
+}
+
 inline void check_scale(const std::optional<at::Tensor>& scale, const char* name, const at::Tensor& q) {
   if (!scale.has_value()) return;
   TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->numel() == 1,
@@ -73,7 +86,7 @@ inline FlashDecodeShape check_flash_decode_args(const at::Tensor& q, const at::T
                 ") must be -1 or v_cache's head dim (", v.size(3), ")");
     shape.head_dim_v = v.size(3);
     TORCH_CHECK(v.device() == q.device(), "flash_decode: v_cache must be on ", q.device(), ", got ", v.device());
-    TORCH_CHECK(v.stride(3) == 1, "flash_decode: v_cache's last dim must be contiguous (stride 1), got strides ",
+    TORCH_CHECK(last_dim_contiguous(v), "flash_decode: v_cache's last dim must be contiguous (stride 1), got strides ",
                 v.strides());
   } else {
     shape.head_dim_v = head_dim_v == -1 ? shape.head_dim_k : head_dim_v;
@@ -98,10 +111,12 @@ inline FlashDecodeShape check_flash_decode_args(const at::Tensor& q, const at::T
     TORCH_CHECK(tensor.device() == q.device(), "flash_decode: ", name, " must be on ", q.device(), " (q's device), got ",
                 tensor.device());
   }
-  TORCH_CHECK(q.stride(2) == 1, "flash_decode: q's last dim must be contiguous (stride 1), got strides ", q.strides());
-  TORCH_CHECK(k_cache.stride(3) == 1, "flash_decode: k_cache's last dim must be contiguous (stride 1), got strides ",
+  TORCH_CHECK(last_dim_contiguous(q), "flash_decode: q's last dim must be contiguous (stride 1), got strides ", q.strides());
+  TORCH_CHECK(last_dim_contiguous(k_cache), "flash_decode: k_cache's last dim must be contiguous (stride 1), got strides ",
               k_cache.strides());
-  TORCH_CHECK(std::isfinite(softmax_scale), "flash_decode: softmax_scale must be finite, got ", softmax_scale);
+  // The kernels use it as a float: a double beyond float32's range would become inf there.
+  TORCH_CHECK(std::isfinite(softmax_scale) && std::isfinite(static_cast<float>(softmax_scale)),
+              "flash_decode: softmax_scale must be finite in float32 (|x| <= 3.4e38), got ", softmax_scale);
   TORCH_CHECK(num_splits >= 0, "flash_decode: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
   if (kv_fp8) {
     TORCH_CHECK(k_scale.has_value(), "flash_decode: k_scale is required when k_cache is float8_e4m3fn");
@@ -120,7 +135,7 @@ inline void check_flash_decode_values(const at::Tensor& block_table, const at::T
   const at::Tensor lens = seq_lens.cpu();
   const at::Tensor table = block_table.cpu();
   const int32_t* lens_data = lens.const_data_ptr<int32_t>();
-  const int64_t capacity = shape.max_blocks_per_seq * shape.block_size;
+  const int64_t capacity = block_table_capacity(shape);
   for (int64_t b = 0; b < shape.batch; ++b) {
     const int64_t length = lens_data[b * lens.stride(0)];
     TORCH_CHECK(length >= 0 && length <= capacity, "flash_decode: seq_lens[", b, "] = ", length,

@@ -48,19 +48,26 @@ inline std::tuple<int64_t, int64_t, int64_t> check_hopb_combine_args(
                     peer_lse[i].is_contiguous(),
                 "hopb_combine: peer_lse[", i, "] must be a contiguous float32 [rows, heads] = ",
                 first.sizes().slice(0, 2), ", got ", peer_lse[i].scalar_type(), " ", peer_lse[i].sizes());
-    TORCH_CHECK(peer_flags[i].scalar_type() == at::kInt && peer_flags[i].dim() == 1 && chunk >= 0 &&
-                    chunk < peer_flags[i].size(0),
-                "hopb_combine: peer_flags[", i, "] must be a 1-D int32 tensor with a flag for chunk ", chunk);
+    // Flags are read by raw pointer at [chunk]: a strided or expanded view would read another slot.
+    TORCH_CHECK(peer_flags[i].scalar_type() == at::kInt && peer_flags[i].dim() == 1 &&
+                    peer_flags[i].is_contiguous() && chunk >= 0 && chunk < peer_flags[i].size(0),
+                "hopb_combine: peer_flags[", i, "] must be a contiguous 1-D int32 tensor with a flag for chunk ",
+                chunk, ", got ", peer_flags[i].scalar_type(), " ", peer_flags[i].sizes(), " with strides ",
+                peer_flags[i].strides());
     TORCH_CHECK(peer_out[i].device() == first.device() && peer_lse[i].device() == first.device() &&
                     peer_flags[i].device() == first.device(),
                 "hopb_combine: every peer view must be on ", first.device(), " (peer ", i, " is not)");
   }
-  TORCH_CHECK(epoch.scalar_type() == at::kInt && epoch.dim() == 1 && chunk < epoch.size(0) &&
+  TORCH_CHECK(epoch.scalar_type() == at::kInt && epoch.dim() == 1 && epoch.is_contiguous() && chunk < epoch.size(0) &&
                   epoch.device() == first.device(),
-              "hopb_combine: epoch must be a 1-D int32 tensor on ", first.device(), " with an entry for chunk ", chunk);
+              "hopb_combine: epoch must be a contiguous 1-D int32 tensor on ", first.device(),
+              " with an entry for chunk ", chunk, ", got ", epoch.scalar_type(), " ", epoch.sizes(), " with strides ",
+              epoch.strides());
   TORCH_CHECK(error.scalar_type() == at::kInt && error.numel() >= 1 && error.device() == first.device(),
               "hopb_combine: error must be an int32 tensor on ", first.device());
-  TORCH_CHECK(timeout_s > 0, "hopb_combine: timeout_s must be positive, got ", timeout_s);
+  TORCH_CHECK(timeout_s > 0 && timeout_s <= kHopbMaxTimeoutSeconds, "hopb_combine: timeout_s must be in (0, ",
+              kHopbMaxTimeoutSeconds, "] seconds (the wait is bounded), got ", timeout_s);
+  TORCH_CHECK(first.size(2) >= 1, "hopb_combine: peer_out must have a head dim D >= 1, got shape ", first.sizes());
   return {first.size(0), first.size(1), first.size(2)};
 }
 

@@ -29,11 +29,13 @@ def merge_states(parts_out: torch.Tensor, parts_lse: torch.Tensor) -> tuple[torc
     """Merge P partial attention states exactly (the log-sum-exp merge of Helix's exchange).
 
     For every (b, h): ``lse = log(sum_p exp(parts_lse[p, b, h]))`` and
-    ``out = sum_p exp(parts_lse[p, b, h] - lse) * parts_out[p, b, h]``, computed in fp32.
-    A part whose LSE is ``-inf`` is absent (a KV shard with no tokens): it contributes
-    nothing and its ``parts_out`` values are never read, so they may be garbage. A row
-    with every part absent gives ``out = 0`` and ``lse = -inf``, never NaN. LSE values of
-    any finite magnitude (e.g. +-1000) are safe; ``+inf`` or NaN LSEs give NaN.
+    ``out = sum_p exp(parts_lse[p, b, h] - lse) * parts_out[p, b, h]``, computed in fp32 with
+    the weights taken relative to the largest LSE and divided by their sum, so the accuracy
+    does not depend on |LSE| (1 or 2e4 alike). A part whose LSE is ``-inf`` is absent (a KV
+    shard with no tokens): it contributes nothing and its ``parts_out`` values are never
+    read, so they may be garbage. A row with every part absent gives ``out = 0`` and
+    ``lse = -inf``, never NaN. A ``+inf`` or NaN LSE among a row's parts makes that row's
+    out and lse NaN (``-inf`` means absent and nothing else).
 
     Args:
         parts_out: ``[P, B, H, D]`` float32, bfloat16 or float16; any strides (the fast CUDA
@@ -84,7 +86,9 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
     (natural log, fp32) and ``out[b, h] = v_scale * sum_t softmax(s)_t V_t``. A sequence of
     length 0 (an empty shard) gives ``out = 0`` and ``lse = -inf``, which ``merge_states``
     treats as absent: running this op on each KV-parallel shard and merging the results
-    reproduces attention over the whole sequence exactly.
+    reproduces attention over the whole sequence exactly. A NaN or ``+inf`` score (NaN in q,
+    K or k_scale, an fp8 NaN code, q.k overflowing fp32) makes that row's out and lse NaN,
+    whatever the number of splits, never ``0`` and ``-inf``.
 
     Args:
         q: ``[B, Hq, Dk]`` bfloat16 or float16 (one decode token per sequence); float32 too on
@@ -95,7 +99,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
             absorbed form (V = the first ``head_dim_v`` dims of each K entry, scaled by k_scale).
         block_table: ``[B, max_blocks]`` int32, the physical block of each logical block.
         seq_lens: ``[B]`` int32, tokens per sequence, ``0 <= seq_lens[b] <= max_blocks * block_size``.
-        softmax_scale: the score scale, typically ``Dk ** -0.5``.
+        softmax_scale: the score scale, typically ``Dk ** -0.5``; finite as a float32.
         head_dim_v: Dv for MLA (-1: Dk, or v_cache's head dim when v_cache is given).
         k_scale, v_scale: float32 one-element tensors, per-tensor dequantization multipliers
             (required for float8 caches; v_scale must be None for MLA).
@@ -119,6 +123,10 @@ def _check_scale(scale, name: str) -> None:
     if scale is not None and (scale.dtype != torch.float32 or scale.numel() != 1):
         raise RuntimeError(f"flash_decode: {name} must be a float32 tensor with one element (a per-tensor scale), "
                            f"got {scale.dtype} with shape {tuple(scale.shape)}")
+
+
+# The largest double that rounds to a finite float32 (FLT_MAX plus half an ulp, exclusive).
+_FLOAT32_MAX_ROUNDING = float.fromhex("0x1.ffffffp+127") - float.fromhex("0x1p+75")
 
 
 @torch.library.register_fake("helix::flash_decode")
@@ -172,8 +180,13 @@ def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
         raise RuntimeError(f"flash_decode: seq_lens must be 1-D [B={batch}], got shape {tuple(seq_lens.shape)}")
     if seq_lens.dtype != torch.int32:
         raise RuntimeError(f"flash_decode: seq_lens must be int32, got {seq_lens.dtype}")
-    if not math.isfinite(softmax_scale):
-        raise RuntimeError(f"flash_decode: softmax_scale must be finite, got {softmax_scale}")
+    for tensor, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+        if tensor is not None and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+            raise RuntimeError(f"flash_decode: {name}'s last dim must be contiguous (stride 1), got strides "
+                               f"{tuple(tensor.stride())}")
+    if not (math.isfinite(softmax_scale) and abs(softmax_scale) <= _FLOAT32_MAX_ROUNDING):
+        raise RuntimeError(f"flash_decode: softmax_scale must be finite in float32 (|x| <= 3.4e38), "
+                           f"got {softmax_scale}")
     if num_splits < 0:
         raise RuntimeError(f"flash_decode: num_splits must be >= 0 (0 = heuristic), got {num_splits}")
     if k_cache.dtype == torch.float8_e4m3fn:
@@ -210,7 +223,10 @@ def quantize_fp4(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = 
     one-element tensor, e.g. from calibration) to use it instead. MXFP4 (OCP MX v1.0): one
     E8M0 scale per 32 elements, ``2**(floor(log2(block_amax)) - 2)``, no global scale
     (1.0 is returned). No NaN comes out of all-zero blocks or huge values; NaN inputs
-    quantize to 0. The CPU and CUDA kernels give identical bits.
+    quantize to 0; ``+-inf`` inputs saturate (code +-6 at their block's scale, counted as
+    +-FLT_MAX in that block's amax and left out of the tensor's, so every other block is
+    unchanged). The computed global scale is never 0 (1.0 when ``amax / 2688`` underflows).
+    The CPU and CUDA kernels give identical bits.
 
     Args:
         x: ``[M, K]`` bfloat16, float16 or float32; K a multiple of 16 (nvfp4) or 32 (mxfp4).
@@ -229,7 +245,10 @@ def dequantize_fp4(packed: torch.Tensor, block_scales: torch.Tensor, global_scal
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Inverse of ``quantize_fp4``: ``e2m1(q) * (float(s) * global_scale)`` for nvfp4,
     ``e2m1(q) * 2**(e - 127)`` for mxfp4, computed in fp32 and returned as ``[M, K]`` in
-    ``dtype`` (bfloat16, float16 or float32). CPU and CUDA give identical bits."""
+    ``dtype`` (bfloat16, float16 or float32). E8M0 code 0 is ``2**-127``; NaN scale codes
+    (e4m3 0x7F/0xFF, e8m0 0xFF) give the dtype's canonical quiet NaN (0x7FC00000, 0x7E00,
+    0x7FC0). ``global_scale`` must be finite and positive (checked on the CPU; on CUDA with
+    ``HELIX_CHECK_INPUTS=1``). CPU and CUDA give identical bits."""
     _require_device_kernel("dequantize_fp4", packed)
     return torch.ops.helix.dequantize_fp4.default(packed, block_scales, global_scale, fmt, dtype)
 
@@ -339,6 +358,7 @@ def _fp4_grouped_gemm_fake(x, w, w_scales, w_global_scale, offs, fmt):
 # hopb_signal / hopb_combine are driven by helix_ext.parallel.FusedExchange, which owns the
 # symmetric (GPU) or shared (CPU) buffers whose views it passes: they are not public API.
 INTERNAL_OPS = frozenset({"hopb_signal", "hopb_combine"})
+_HOPB_MAX_TIMEOUT_S = 3600.0  # csrc/include/helix/hopb.h: kHopbMaxTimeoutSeconds
 
 
 @torch.library.register_fake("helix::hopb_signal")
@@ -354,4 +374,8 @@ def _hopb_combine_fake(peer_out, peer_lse, peer_flags, epoch, chunk, timeout_s, 
     if first.dim() != 3:
         raise RuntimeError(f"hopb_combine: peer_out[0] must be 3-D [rows, heads, D], got {tuple(first.shape)}")
     rows, heads, dim = first.shape
+    if not 0 < timeout_s <= _HOPB_MAX_TIMEOUT_S:
+        raise RuntimeError(f"hopb_combine: timeout_s must be in (0, {_HOPB_MAX_TIMEOUT_S:g}] seconds (the wait is "
+                           f"bounded), got {timeout_s}")
+    torch._check(dim >= 1, lambda: f"hopb_combine: peer_out must have a head dim D >= 1, got shape {tuple(first.shape)}")
     return first.new_empty((rows, heads, dim)), first.new_empty((rows, heads), dtype=torch.float32)

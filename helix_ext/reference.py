@@ -14,17 +14,29 @@ def merge_states_reference(parts_out: torch.Tensor, parts_lse: torch.Tensor, *,
                            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``helix.merge_states``: ``(out [B, H, D], lse [B, H])``.
 
+    ``-inf`` parts are absent (their values never used); a row with every part absent gives
+    0 and ``-inf``; a NaN or ``+inf`` LSE among a row's parts gives NaN in out and lse.
+    Weights are ``exp(LSE_i - max) / sum``, relative to the largest LSE.
     ``out`` is returned in ``out_dtype`` (default: ``parts_out``'s dtype) and ``lse`` in
     float32, or both in ``compute_dtype`` when ``out_dtype=compute_dtype`` is asked for.
     """
     values = parts_out.to(compute_dtype)
     part_lse = parts_lse.to(compute_dtype)
-    lse = torch.logsumexp(part_lse, dim=0)  # -inf where every part is -inf
-    present = (part_lse != float("-inf")) & (lse != float("-inf")).unsqueeze(0)
-    weights = torch.where(present, torch.exp(part_lse - lse.unsqueeze(0)), torch.zeros_like(part_lse))
+    poisoned = (torch.isnan(part_lse) | (part_lse == float("inf"))).any(dim=0)
+    present = part_lse != float("-inf")
+    largest = part_lse.amax(dim=0) if part_lse.shape[0] else torch.full(part_lse.shape[1:], float("-inf"),
+                                                                        dtype=compute_dtype, device=part_lse.device)
+    largest = torch.where(torch.isfinite(largest), largest, torch.zeros_like(largest))
+    weights = torch.where(present, torch.exp(part_lse - largest), torch.zeros_like(part_lse))
+    total = weights.sum(dim=0)
     # Absent parts are masked, not multiplied by 0, so garbage (NaN) in them stays out.
     weighted = torch.where(present.unsqueeze(-1), weights.unsqueeze(-1) * values, torch.zeros_like(values))
-    out = weighted.sum(dim=0)
+    nonempty = total > 0
+    out = weighted.sum(dim=0) / torch.where(nonempty, total, torch.ones_like(total)).unsqueeze(-1)
+    lse = torch.where(nonempty, largest + torch.log(torch.where(nonempty, total, torch.ones_like(total))),
+                      torch.full_like(total, float("-inf")))
+    out = torch.where(poisoned.unsqueeze(-1), torch.full_like(out, float("nan")), out)
+    lse = torch.where(poisoned, torch.full_like(lse, float("nan")), lse)
     out_dtype = parts_out.dtype if out_dtype is None else out_dtype
     lse_dtype = compute_dtype if out_dtype == compute_dtype else torch.float32
     return out.to(out_dtype), lse.to(lse_dtype)
@@ -49,7 +61,8 @@ def flash_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Decode attention of each sequence's single query token over its ``seq_lens[b]`` cached
     tokens (paged through ``block_table``), query head h reading KV head ``h // (Hq // Hkv)``.
     ``v_cache=None`` is MLA's absorbed form: V is the first ``head_dim_v`` dims of the K entry,
-    scaled by ``k_scale``. A sequence of length 0 gives ``out = 0`` and ``lse = -inf``.
+    scaled by ``k_scale``. A sequence of length 0 gives ``out = 0`` and ``lse = -inf``; a NaN
+    or ``+inf`` score gives NaN in that (b, h) row's out and lse.
 
     ``probability_dtype`` rounds the normalized probabilities to that dtype before they
     weight V (what a tensor-core kernel does); ``out`` comes back in ``out_dtype`` (default
@@ -77,11 +90,14 @@ def flash_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         keys = keys.repeat_interleave(group, dim=1)  # [L, Hq, Dk]
         values = values.repeat_interleave(group, dim=1)  # [L, Hq, Dv]
         scores = torch.einsum("hd,lhd->hl", q[b].to(compute_dtype), keys) * softmax_scale
+        poisoned = (torch.isnan(scores) | (scores == float("inf"))).any(dim=-1)  # [Hq]
         lse[b] = torch.logsumexp(scores, dim=-1)
         probabilities = torch.softmax(scores, dim=-1)
         if probability_dtype is not None:
             probabilities = probabilities.to(probability_dtype).to(compute_dtype)
         out[b] = torch.einsum("hl,lhd->hd", probabilities, values)
+        out[b][poisoned] = float("nan")
+        lse[b][poisoned] = float("nan")
     out_dtype = q.dtype if out_dtype is None else out_dtype
     lse_dtype = compute_dtype if out_dtype == compute_dtype else torch.float32
     return out.to(out_dtype), lse.to(lse_dtype)
@@ -94,6 +110,10 @@ def flash_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP4_BLOCK = {"nvfp4": 16, "mxfp4": 32}
+
+
+CANONICAL_NAN_BITS = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def _fp4_block(fmt: str) -> int:
@@ -151,11 +171,17 @@ def quantize_fp4_reference(x: torch.Tensor, fmt: str, global_scale: torch.Tensor
     rows, cols = x.shape
     values = x.float()
     blocks = values.view(rows, cols // block, block)
-    block_amax = blocks.abs().nan_to_num(nan=0.0).amax(dim=-1)
+    # NaN counts as 0 everywhere; +-inf saturates: FLT_MAX in its block's amax, left out of
+    # the tensor's (so blocks without an inf quantize as if it were not there).
+    float_max = torch.finfo(torch.float32).max
+    block_amax = blocks.abs().nan_to_num(nan=0.0, posinf=float_max).amax(dim=-1)
     if fmt == "nvfp4":
         if global_scale is None:
-            amax = values.abs().nan_to_num(nan=0.0).max() if values.numel() else torch.tensor(0.0)
-            global_value = amax / (6.0 * 448.0) if amax > 0 else torch.tensor(1.0)
+            finite = torch.where(torch.isfinite(values), values.abs(), torch.zeros_like(values))
+            amax = finite.max() if values.numel() else torch.tensor(0.0)
+            global_value = amax / (6.0 * 448.0)  # float32 division, as the kernels do it
+            if not global_value > 0:  # all zero, or an amax whose quotient underflows: never 0
+                global_value = torch.tensor(1.0)
         else:
             global_value = global_scale.float().reshape(())
         global_value = global_value.float().to(x.device)
@@ -179,7 +205,11 @@ def dequantize_fp4_reference(packed: torch.Tensor, block_scales: torch.Tensor, g
     block = _fp4_block(fmt)
     values = e2m1_decode(fp4_unpack(packed))
     multipliers = _block_multipliers(block_scales, global_scale, fmt).repeat_interleave(block, dim=-1)
-    return (values * multipliers).to(dtype)
+    out = values * multipliers
+    # NaN scale codes give the canonical quiet NaN of the dtype (0x7FC00000 / 0x7E00 / 0x7FC0),
+    # written as bits: torch's own conversions do not promise one NaN pattern.
+    nan = torch.tensor(CANONICAL_NAN_BITS[dtype], dtype=_SAME_SIZE_INT[dtype]).view(dtype).to(out.device)
+    return torch.where(torch.isnan(out), nan, out.to(dtype))
 
 
 def fp4_grouped_gemm_reference(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,

@@ -196,6 +196,91 @@ def test_helix_sharding_reproduces_unsharded_attention(device, kvp):
     assert_close_to_reference(merged_lse, ref_lse, base_lse, accumulated_terms=400, name="merged lse")
 
 
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+@pytest.mark.parametrize("where", ["q", "k", "k_fp8_nan_code", "k_scale", "v_cache_past_length"])
+def test_nan_scores_give_nan_rows(device, where):
+    # -inf means an empty shard and nothing else: a NaN score makes its (b, h) row NaN, out and
+    # lse alike (never 0 and -inf, which the merge would silently drop), on every split count.
+    # Garbage past a sequence's length is never read.
+    fp8 = where in ("k_fp8_nan_code", "k_scale")
+    case = Case([0, 40, 37, 3000], num_q_heads=4, num_kv_heads=2, head_dim_k=64, block_size=16, device=device,
+                kv_dtype=FP8 if fp8 else None)
+    poisoned = torch.zeros(4, 4, dtype=torch.bool)
+    if where == "q":
+        case.q[1, 2, 5] = float("nan")
+        case.q[3, 0, 0] = float("nan")
+        poisoned[1, 2] = poisoned[3, 0] = True
+    elif where in ("k", "k_fp8_nan_code"):
+        block = case.block_table[2, 1].item()  # sequence 2, token 16 + 3, KV head 1
+        if where == "k":
+            case.k_cache[block, 3, 1, 7] = float("nan")
+        else:
+            case.k_cache.view(torch.uint8)[block, 3, 1, 7] = 0x7F  # e4m3's NaN code
+        poisoned[2, 2:] = True
+        block = case.block_table[3, 150].item()  # sequence 3, token 2400 (beyond the CPU's first chunk)
+        case.k_cache[block, 0, 0] = float("nan")
+        poisoned[3, :2] = True
+    elif where == "k_scale":
+        case.k_scale = torch.tensor(float("nan"), device=case.q.device)
+        poisoned[1:] = True
+    else:
+        # NaN in K and V past sequence 2's length (37 = 2 blocks + 5 tokens): never read.
+        block = case.block_table[2, 2].item()
+        case.k_cache[block, 5:] = float("nan")
+        case.v_cache[block, 5:] = float("nan")
+    reference_out, reference_lse = case.reference(out_dtype=torch.float64)
+    assert torch.equal(torch.isnan(reference_lse), poisoned)
+    for num_splits in (0, 1, 3):
+        out, lse = case.check(num_splits=num_splits)
+        assert torch.isnan(out.cpu()[poisoned]).all() and torch.isnan(lse.cpu()[poisoned]).all(), num_splits
+        assert not torch.isnan(out.cpu()[~poisoned]).any() and not torch.isnan(lse.cpu()[~poisoned]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+def test_overflowing_scores_give_nan_rows(device):
+    # Finite bf16 q and k whose dot products overflow fp32 (1e20 * 1e20 * 64): the kernels' scores
+    # are +-inf or NaN, so the row is NaN (the float64 reference stays finite: no comparison).
+    case = Case([0, 30, 2500], num_q_heads=2, num_kv_heads=1, head_dim_k=64, block_size=16, device=device)
+    case.q[1:, 0] = 1e20
+    block = case.block_table[1, 1].item()
+    case.k_cache[block, 2, 0] = 1e20  # sequence 1, token 18: one score overflows, head 0 only
+    case.k_cache[case.block_table[2, 100].item(), 0, 0] = 1e20  # sequence 2, token 1600
+    for num_splits in (0, 1, 4):
+        out, lse = case.run(num_splits=num_splits)
+        out, lse = out.cpu(), lse.cpu()
+        for b in (1, 2):
+            assert torch.isnan(out[b, 0]).all() and torch.isnan(lse[b, 0]), (b, num_splits)
+            assert torch.isfinite(out[b, 1]).all() and torch.isfinite(lse[b, 1]), (b, num_splits)
+        assert torch.all(out[0] == 0) and torch.all(lse[0] == NEG_INF)
+
+
+def test_size_one_last_dim_with_any_stride():
+    # Strides of size-1 dims do not matter: a last dim of size 1 is contiguous whatever its
+    # stride (CPU only: the CUDA kernel takes head dims of 64 and up).
+    case = Case([3, 17], num_q_heads=2, num_kv_heads=1, head_dim_k=1, block_size=8, q_dtype=torch.float32)
+    for name in ("q", "k_cache", "v_cache"):
+        tensor = getattr(case, name)
+        strided = tensor.as_strided(tensor.shape, (*tensor.stride()[:-1], 7))
+        assert strided.stride(-1) == 7 and torch.equal(strided, tensor)
+        setattr(case, name, strided)
+    case.check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_huge_expanded_block_table_is_a_clear_error(device, monkeypatch):
+    # A block_table expanded to 2^62 columns: max_blocks * block_size overflows int64 unless the
+    # capacity is computed in checked arithmetic; the length check must still name seq_lens.
+    monkeypatch.setenv("HELIX_CHECK_INPUTS", "1")
+    case = Case([5], num_q_heads=4, num_kv_heads=2, head_dim_k=64, block_size=8, device=device)
+    table = case.block_table[:, :1].expand(1, 2 ** 62)  # 2^62 blocks of 8 tokens: 2^65 tokens
+    lens = torch.tensor([-1], dtype=torch.int32, device=case.q.device)
+    message = r"seq_lens\[0\] = -1 is outside \[0, max_blocks \* block_size"
+    if device == "cuda":
+        message += r"|block_table holds \d+ blocks of 8 tokens per sequence"
+    with pytest.raises(RuntimeError, match=message):
+        helix_ext.flash_decode(case.q, case.k_cache, case.v_cache, table, lens, case.softmax_scale)
+
+
 def bad_inputs(device):
     case = Case([5, 20], num_q_heads=4, num_kv_heads=2, head_dim_k=64, block_size=8, device=device)
     q, k, v, table, lens, scale = case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, 0.125
@@ -229,6 +314,12 @@ def bad_inputs(device):
         ("scale shape", (q, k, v, table, lens, scale), {"k_scale": torch.ones(2, device=device)},
          r"k_scale must be a float32 tensor with one element"),
         ("non-finite softmax_scale", (q, k, v, table, lens, float("nan")), {}, r"softmax_scale must be finite"),
+        # Finite as a double, infinite as the float the kernels use.
+        ("softmax_scale beyond float32", (q, k, v, table, lens, 1e39), {}, r"softmax_scale must be finite in float32"),
+        ("negative softmax_scale beyond float32", (q, k, v, table, lens, -3.5e38), {},
+         r"softmax_scale must be finite in float32"),
+        ("q's last dim strided", (torch.randn(2, 4, 128, device=device).to(q.dtype)[..., ::2], k, v, table, lens,
+                                  scale), {}, r"q's last dim must be contiguous"),
     ]
 
 

@@ -82,6 +82,54 @@ def test_combine_waits_for_a_late_peer_on_the_cpu():
     assert torch.equal(out, helix_ext.merge_states(torch.stack(outs), torch.stack(lses))[0])
 
 
+INT32_MAX = 2 ** 31 - 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_epochs_wrap_as_serial_numbers(device):
+    # Epochs are 32-bit serial numbers: INT32_MAX + 1 wraps to INT32_MIN without overflow, and
+    # so does -1 + 1 = 0 (2^32 signals later).
+    flags = torch.zeros(2, dtype=torch.int32, device=device)
+    epoch = torch.tensor([INT32_MAX - 1, -1], dtype=torch.int32, device=device)
+    for expected in (INT32_MAX, -INT32_MAX - 1, -INT32_MAX):
+        torch.ops.helix.hopb_signal(flags, epoch, 0)
+        assert flags[0].item() == expected and epoch[0].item() == expected
+    torch.ops.helix.hopb_signal(flags, epoch, 1)
+    assert flags[1].item() == 0 and epoch[1].item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("start", [INT32_MAX - 1, -2], ids=["int32_wrap", "uint32_wrap"])
+def test_a_stale_peer_across_the_wrap_is_waited_for(device, start):
+    # Epochs started just below the wrap. This rank signals across it (expected: start + 2,
+    # past the wrap); peer 0 has signalled as often, peer 1 one time less: its flag (start + 1,
+    # INT32_MAX or -1) is stale and must be waited for, not taken as ahead of the epoch.
+    outs, lses, flags, _ = virtual_peers(2, 3, 2, 8, torch.float32, device)
+    epochs = [torch.full((4,), start, dtype=torch.int32, device=device) for _ in range(3)]
+    own = torch.zeros(4, dtype=torch.int32, device=device)
+    for _ in range(2):
+        torch.ops.helix.hopb_signal(own, epochs[2], 0)  # this rank
+        torch.ops.helix.hopb_signal(flags[0], epochs[0], 0)
+    torch.ops.helix.hopb_signal(flags[1], epochs[1], 0)
+    assert flags[0][0].item() == epochs[2][0].item() and flags[1][0].item() in (INT32_MAX, -1)
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"peer 1 did not signal chunk 0"):
+            torch.ops.helix.hopb_combine(outs, lses, flags, epochs[2], 0, 0.2, error)
+    else:
+        torch.ops.helix.hopb_combine(outs, lses, flags, epochs[2], 0, 0.2, error)
+        torch.cuda.synchronize()
+    assert error.item() == 2
+    # Once peer 1 signals, the combine goes through; a peer ahead by one (the next layer's signal
+    # already out) passes too.
+    torch.ops.helix.hopb_signal(flags[0], epochs[0], 0)
+    torch.ops.helix.hopb_signal(flags[1], epochs[1], 0)
+    error.zero_()
+    out, lse = torch.ops.helix.hopb_combine(outs, lses, flags, epochs[2], 0, 5.0, error)
+    assert error.item() == 0
+    assert torch.equal(out, helix_ext.merge_states(torch.stack(outs), torch.stack(lses))[0])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs(device):
     outs, lses, flags, epoch = virtual_peers(2, 3, 2, 8, torch.float32, device, signal_slot=0)
@@ -93,11 +141,30 @@ def test_bad_inputs(device):
         (([outs[0], outs[1][:, :1]], lses, flags, epoch, 0, 1.0, error), r"peer_out\[1\] must be contiguous"),
         ((outs, [lses[0], lses[1].double()], flags, epoch, 0, 1.0, error), r"peer_lse\[1\] must be a contiguous float32"),
         (([o.int() for o in outs], lses, flags, epoch, 0, 1.0, error), r"must be float32, bfloat16 or float16"),
-        ((outs, lses, flags, epoch, 0, 0.0, error), r"timeout_s must be positive"),
+        ((outs, lses, flags, epoch, 0, 0.0, error), r"timeout_s must be in \(0, 3600\]"),
+        ((outs, lses, flags, epoch, 0, float("inf"), error), r"timeout_s must be in \(0, 3600\]"),
+        ((outs, lses, flags, epoch, 0, 1e300, error), r"timeout_s must be in \(0, 3600\]"),
+        ((outs, lses, flags, epoch, 0, float("nan"), error), r"timeout_s must be in \(0, 3600\]"),
+        # Flags and epochs are read by raw pointer at [chunk]: strided or expanded views are refused.
+        ((outs, lses, [flags[0], torch.zeros(8, dtype=torch.int32, device=device)[::2]], epoch, 1, 1.0, error),
+         r"peer_flags\[1\] must be a contiguous 1-D int32"),
+        ((outs, lses, [flags[0], flags[1][:1].expand(4)], epoch, 1, 1.0, error),
+         r"peer_flags\[1\] must be a contiguous 1-D int32"),
+        ((outs, lses, flags, torch.zeros(8, dtype=torch.int32, device=device)[::2], 1, 1.0, error),
+         r"epoch must be a contiguous 1-D int32"),
+        ((outs, lses, flags, epoch[:1].expand(4), 1, 1.0, error), r"epoch must be a contiguous 1-D int32"),
+        # D = 0 would leave the merged LSE unwritten.
+        (([o[..., :0] for o in outs], lses, flags, epoch, 0, 1.0, error), r"head dim D >= 1"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             torch.ops.helix.hopb_combine(*args)
+    # The fake kernel refuses what it can see without data (timeouts, D = 0).
+    for args, message in [cases[i] for i in (6, 7, 8, 9, 14)]:
+        with pytest.raises(RuntimeError, match=message), torch._subclasses.FakeTensorMode() as mode:
+            fake = [[mode.from_tensor(t) for t in a] if isinstance(a, list) else
+                    mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            torch.ops.helix.hopb_combine.default(*fake)
     with pytest.raises(RuntimeError, match=r"chunk 5 is outside flags"):
         torch.ops.helix.hopb_signal(flags[0], epoch, 5)
 

@@ -80,6 +80,53 @@ def test_huge_lse_magnitudes(device, dtype, offset):
     assert torch.isfinite(out).all() and torch.isfinite(lse[present]).all()
 
 
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+@pytest.mark.parametrize("base", [1.0, 100.0, 800.0, 5000.0, 2.0e4, -800.0, -2.0e4])
+def test_accuracy_does_not_depend_on_lse_magnitude(device, base):
+    # Weights relative to the largest LSE: the fp32 result is within a few ulps of the exact
+    # merge at |LSE| = 1 and at |LSE| = 2e4 alike (weights relative to a rounded fp32 merged LSE
+    # would err by |LSE| * 2^-24: 1.2e-3 at 2e4).
+    num_parts = 8
+    parts_out, parts_lse = make_parts(num_parts, 4, 6, 32, torch.float32, device, lse_scale=3.0, lse_offset=base,
+                                      absent_fraction=0.2)
+    out, lse = call_op(device, "merge_states", parts_out, parts_lse)
+    ref_out, ref_lse = merge_states_reference(parts_out.cpu(), parts_lse.cpu(), out_dtype=torch.float64)
+    present = ref_lse != NEG_INF
+    eps = torch.finfo(torch.float32).eps
+    # Per row: rounding of P products and sums of values up to max|O|, plus the normalizer.
+    row_scale = parts_out.cpu().nan_to_num().abs().amax(dim=(0, 3)).double()
+    out_error = (out.cpu().double() - ref_out).abs().amax(dim=-1)
+    assert torch.all(out_error[present] <= 2 * (num_parts + 2) * eps * row_scale[present]), out_error.max()
+    # The merged LSE: max + log(sum), within two ulps of its own magnitude plus a few eps.
+    lse_error = (lse.cpu().double() - ref_lse).abs()
+    assert torch.all(lse_error[present] <= 2 * eps * ref_lse[present].abs() + 4 * eps), lse_error[present].max()
+    assert torch.all(out[~present.to(out.device)] == 0) and torch.all(lse[~present.to(lse.device)] == NEG_INF)
+
+
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "plus_inf"])
+def test_nan_or_plus_inf_lse_gives_nan_rows(device, dtype, bad):
+    # -inf means absent and nothing else: a NaN or +inf LSE among a row's parts makes that row
+    # NaN (out and lse), wherever it sits among the parts; every other row is unchanged.
+    parts_out, parts_lse = make_parts(5, 3, 4, 24, dtype, device, absent_fraction=0.3)
+    parts_lse[0, 1, 1] = bad  # first part
+    parts_lse[4, 2, 3] = bad  # last part
+    parts_lse[:, 2, 0] = NEG_INF
+    parts_lse[2, 2, 0] = bad  # the only non-absent part of its row
+    out, lse = check_against_reference(parts_out, parts_lse, device)
+    for b, h in [(1, 1), (2, 3), (2, 0)]:
+        assert torch.isnan(out[b, h]).all() and torch.isnan(lse[b, h]), (b, h)
+    poisoned = torch.zeros(3, 4, dtype=torch.bool)
+    poisoned[1, 1] = poisoned[2, 3] = poisoned[2, 0] = True
+    assert not torch.isnan(lse.cpu()[~poisoned]).any()
+    clean_lse = parts_lse.clone()
+    clean_lse[:, poisoned] = 0.0
+    clean_out, clean_result_lse = call_op(device, "merge_states", parts_out, clean_lse)
+    assert torch.equal(out[~poisoned.to(out.device)], clean_out[~poisoned.to(out.device)])
+    assert torch.equal(lse[~poisoned.to(lse.device)], clean_result_lse[~poisoned.to(lse.device)])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_parts_absent(device):
     parts_out = torch.full((5, 2, 3, 16), float("nan"), device=device)

@@ -24,7 +24,7 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, bas
     """Check ``actual`` against the float64 ``reference``, with ``baseline`` setting the scale.
 
     Infinite reference entries must match exactly; NaN is never accepted where the
-    reference has none; finite entries must satisfy
+    reference has none and is required where it has one; finite entries must satisfy
     ``max|actual - ref| <= factor * max|baseline - ref| + floor`` with
     ``floor = (ulps * eps(dtype) + 2 * sqrt(accumulated_terms) * eps(fp32)) * max|ref|``:
     a few units in the last place of the output, plus the typical rounding of an fp32 sum of
@@ -36,6 +36,8 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, bas
     baseline64 = baseline.detach().double().cpu()
     nan_in_actual = torch.isnan(actual64) & ~torch.isnan(reference)
     assert not nan_in_actual.any(), f"{name}: {int(nan_in_actual.sum())} NaN values where the reference has none"
+    missing_nan = torch.isnan(reference) & ~torch.isnan(actual64)
+    assert not missing_nan.any(), f"{name}: {int(missing_nan.sum())} entries are not NaN where the reference is NaN"
     infinite = torch.isinf(reference)
     mismatched = infinite & (actual64 != reference)
     assert not mismatched.any(), f"{name}: {int(mismatched.sum())} entries differ where the reference is infinite"

@@ -109,7 +109,7 @@ class FlashDecodeCpu {
     }
     for (int64_t h = 0; h < group; ++h) {
       const SoftmaxState& state = states[h];
-      const float normalizer = state.sum > 0.0f ? value_scale_ / state.sum : 0.0f;
+      const float normalizer = online_softmax_normalizer(state, value_scale_);
       for (int64_t d = 0; d < dim_v; ++d) partial_out[h * dim_v + d] = accumulator[h * dim_v + d] * normalizer;
       partial_lse[h] = online_softmax_lse(state);
     }
@@ -171,7 +171,7 @@ void flash_decode_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       const int64_t first = first_item[pair], parts = first_item[pair + 1] - first;
       for (int64_t h = 0; h < group; ++h) {
         const auto part_lse = [&](int p) { return partial_lse[(first + p) * group + h]; };
-        const float total = merged_lse(static_cast<int>(parts), part_lse);
+        const MergeScale total = merge_scale(static_cast<int>(parts), part_lse);
         std::fill(merged.begin(), merged.end(), 0.0f);
         for (int64_t p = 0; p < parts; ++p) {
           const float weight = merge_weight(part_lse(static_cast<int>(p)), total);
@@ -180,8 +180,8 @@ void flash_decode_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           for (int64_t d = 0; d < dim_v; ++d) merged[d] += weight * values[d];
         }
         const int64_t row = (pair / shape.num_kv_heads) * shape.num_q_heads + (pair % shape.num_kv_heads) * group + h;
-        for (int64_t d = 0; d < dim_v; ++d) out_data[row * dim_v + d] = static_cast<QT>(merged[d]);
-        lse_data[row] = total;
+        for (int64_t d = 0; d < dim_v; ++d) out_data[row * dim_v + d] = static_cast<QT>(merged[d] * total.normalizer);
+        lse_data[row] = total.lse;
       }
     }
   });

@@ -22,7 +22,8 @@ void hopb_signal_cpu(at::Tensor& flags, at::Tensor& epoch, int64_t chunk) {
   check_hopb_signal_args(flags, epoch, chunk);
   TORCH_CHECK(flags.device().is_cpu(), "hopb_signal: flags must be a CPU tensor here");
   int32_t* epoch_data = epoch.mutable_data_ptr<int32_t>();
-  const int32_t value = ++epoch_data[chunk];
+  const int32_t value = hopb_next_epoch(epoch_data[chunk]);
+  epoch_data[chunk] = value;
   // Release: the partial states this rank wrote before are visible to whoever sees the flag.
   std::atomic_ref<int32_t>(flags.mutable_data_ptr<int32_t>()[chunk]).store(value, std::memory_order_release);
 }
@@ -43,7 +44,7 @@ void merge_parts(const std::vector<at::Tensor>& peer_out, const std::vector<at::
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> accumulator(dim);
     for (int64_t row = begin; row < end; ++row) {
-      const float total = merged_lse(parts, [&](int p) { return lses[p][row]; });
+      const MergeScale total = merge_scale(parts, [&](int p) { return lses[p][row]; });
       std::fill(accumulator.begin(), accumulator.end(), 0.0f);
       for (int p = 0; p < parts; ++p) {
         const float weight = merge_weight(lses[p][row], total);
@@ -51,8 +52,8 @@ void merge_parts(const std::vector<at::Tensor>& peer_out, const std::vector<at::
         const T* part = values[p] + row * dim;
         for (int64_t d = 0; d < dim; ++d) accumulator[d] += weight * static_cast<float>(part[d]);
       }
-      for (int64_t d = 0; d < dim; ++d) out_data[row * dim + d] = static_cast<T>(accumulator[d]);
-      lse_data[row] = total;
+      for (int64_t d = 0; d < dim; ++d) out_data[row * dim + d] = static_cast<T>(accumulator[d] * total.normalizer);
+      lse_data[row] = total.lse;
     }
   });
 }
@@ -70,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> hopb_combine_cpu(const std::vector<at::Tensor
   for (size_t p = 0; p < peer_flags.size(); ++p) {
     std::atomic_ref<int32_t> flag(const_cast<int32_t*>(peer_flags[p].const_data_ptr<int32_t>())[chunk]);
     int32_t seen;
-    while ((seen = flag.load(std::memory_order_acquire)) < expected) {
+    while (!hopb_flag_reached(seen = flag.load(std::memory_order_acquire), expected)) {
       if (std::chrono::steady_clock::now() > deadline) {
         error.mutable_data_ptr<int32_t>()[0] = static_cast<int32_t>(p) + 1;
         TORCH_CHECK(false, "hopb_combine: peer ", p, " did not signal chunk ", chunk, " within ", timeout_s,

@@ -35,11 +35,10 @@ void merge_states_cpu_impl(const at::Tensor& parts_out, const at::Tensor& parts_
       const int64_t batch = row / num_heads, head = row - batch * num_heads;
       const float* row_lse = parts_lse_data + batch * lse_strides[1] + head * lse_strides[2];
       const T* row_out = parts_out_data + batch * out_strides[1] + head * out_strides[2];
-      const float total_lse =
-          merged_lse(num_parts, [&](int part) { return row_lse[part * lse_strides[0]]; });
+      const MergeScale total = merge_scale(num_parts, [&](int part) { return row_lse[part * lse_strides[0]]; });
       std::fill(accumulator.begin(), accumulator.end(), 0.0f);
       for (int part = 0; part < num_parts; ++part) {
-        const float weight = merge_weight(row_lse[part * lse_strides[0]], total_lse);
+        const float weight = merge_weight(row_lse[part * lse_strides[0]], total);
         if (weight == 0.0f) continue;  // absent part: its output is never read
         const T* values = row_out + part * out_strides[0];
         for (int64_t d = 0; d < head_dim; ++d) {
@@ -47,8 +46,8 @@ void merge_states_cpu_impl(const at::Tensor& parts_out, const at::Tensor& parts_
         }
       }
       T* row_result = out_data + row * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) row_result[d] = static_cast<T>(accumulator[d]);
-      out_lse_data[row] = total_lse;
+      for (int64_t d = 0; d < head_dim; ++d) row_result[d] = static_cast<T>(accumulator[d] * total.normalizer);
+      out_lse_data[row] = total.lse;
     }
   });
 }

@@ -99,7 +99,7 @@ inline std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Ten
   TORCH_CHECK(q.scalar_type() != at::kFloat, "flash_decode: the CUDA kernel takes bfloat16 or float16 q and caches "
               "(tensor cores); float32 runs on the CPU only");
   const HeadDims dims = select_head_dims(shape);
-  const int64_t capacity = shape.max_blocks_per_seq * shape.block_size;
+  const int64_t capacity = block_table_capacity(shape);
   // Token positions are 32-bit in the kernel; keep a tile of headroom below 2^31.
   TORCH_CHECK(capacity <= INT32_MAX - 1024, "flash_decode: block_table holds ", shape.max_blocks_per_seq,
               " blocks of ", shape.block_size, " tokens per sequence; the CUDA kernel takes at most 2^31 - 1025");

@@ -80,3 +80,30 @@ def test_combine_grid_stride():
     expected_out, expected_lse = simt.run_all_schedules(torch.ops.helix_simt.merge_states, torch.stack(outs),
                                                         torch.stack(lses))
     assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse) and error.item() == 0
+
+
+@pytest.mark.parametrize("start", [2 ** 31 - 2, -2], ids=["int32_wrap", "uint32_wrap"])
+def test_epochs_wrap_and_a_stale_peer_is_still_waited_for(start):
+    # Epochs just below the wrap: this rank and peer 0 signal twice (across the wrap), peer 1
+    # once. Peer 1's flag (INT32_MAX or -1) is one signal behind: the combine must time out on
+    # it, not take it for a flag ahead of the epoch; after its second signal the merge goes through.
+    simt.module().reset_publications()
+    outs, lses, flags, _ = virtual_peers(2, 4, 2, 16, torch.float32, signalling=[])
+    epochs = [torch.full((4,), start, dtype=torch.int32) for _ in range(3)]
+    own = torch.zeros(4, dtype=torch.int32)
+    for _ in range(2):
+        torch.ops.helix_simt.hopb_signal(own, epochs[2], 1)
+        torch.ops.helix_simt.hopb_signal(flags[0], epochs[0], 1)
+    torch.ops.helix_simt.hopb_signal(flags[1], epochs[1], 1)
+    assert epochs[2][1].item() == (-2 ** 31 if start > 0 else 0) and flags[1][1].item() == start + 1
+    error = torch.zeros(1, dtype=torch.int32)
+    torch.ops.helix_simt.hopb_combine(outs, lses, flags, epochs[2], 1, 0.05, error)
+    assert error.item() == 2, "peer 1's stale flag was taken as fresh"
+    torch.ops.helix_simt.hopb_signal(flags[1], epochs[1], 1)
+    torch.ops.helix_simt.hopb_signal(flags[0], epochs[0], 1)  # peer 0 now one ahead: also fine
+    error.zero_()
+    out, lse = simt.run_all_schedules(torch.ops.helix_simt.hopb_combine, outs, lses, flags, epochs[2], 1, 5.0, error,
+                                      multiprocessor_count=1)
+    assert error.item() == 0
+    expected_out, expected_lse = torch.ops.helix_simt.merge_states(torch.stack(outs), torch.stack(lses))
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)

@@ -406,14 +406,12 @@ __global__ void __launch_bounds__(Config::kThreads)
     const int row = row0 + 8 * r;
     SoftmaxState total = softmax_state_empty();
     for (int t = 0; t < WARPS_T; ++t) {
-      const float slice_max = slice_state[(t * HEADS + row) * 2];
-      const float slice_sum = slice_state[(t * HEADS + row) * 2 + 1];
-      online_softmax_rescale(total, slice_max);
-      if (slice_max != neg_inf()) total.sum += slice_sum * exp2f(slice_max - total.max);
+      online_softmax_combine(total, {slice_state[(t * HEADS + row) * 2], slice_state[(t * HEADS + row) * 2 + 1]});
     }
-    const float share = total.sum > 0.0f && state[r].max != neg_inf()
-                            ? exp2f(state[r].max - total.max) / total.sum * value_scale
-                            : 0.0f;
+    // This slice's share of the row: exp2(max - total max) (0 for an empty slice) / total sum;
+    // 0 for an empty row, NaN for a poisoned one (a NaN or +inf score in any slice).
+    const float share = online_softmax_normalizer(total, value_scale) *
+                        (total.sum == 0.0f ? 0.0f : exp2f(state[r].max - total.max));
 #pragma unroll
     for (int n = 0; n < O_TILES; ++n) {
       const int column = warp_v * DV_PER_WARP + n * 8 + (lane % 4) * 2;

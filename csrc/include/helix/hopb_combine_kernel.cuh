@@ -65,7 +65,7 @@ HELIX_DEVICE uint64_t global_timer_ns() {
 // so every write of earlier kernels in stream order is visible to peers that see the flag).
 // (static: a non-template kernel defined in a header must not clash across translation units.)
 static __global__ void hopb_signal_kernel(int32_t* flags, int32_t* epoch, int chunk) {
-  const int32_t value = epoch[chunk] + 1;
+  const int32_t value = hopb_next_epoch(epoch[chunk]);
   epoch[chunk] = value;
   if (HELIX_PLANT(kPlantMissingReleaseFence)) {
     store_relaxed_system(flags + chunk, value);
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCo
     const uint64_t start = global_timer_ns();
     int missing = 0;
     for (int p = 0; p < params.num_peers && missing == 0; ++p) {
-      while (load_acquire_system(params.peer_flags[p] + params.chunk) < expected) {
+      while (!hopb_flag_reached(load_acquire_system(params.peer_flags[p] + params.chunk), expected)) {
         if (global_timer_ns() - start > params.timeout_ns) {
           missing = p + 1;
           break;
@@ -104,13 +104,13 @@ __global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCo
        index += int64_t{gridDim.x} * blockDim.x) {
     const int64_t row = index / vectors_per_row;
     const int64_t element = (index - row * vectors_per_row) * VEC;
-    const float total_lse =
-        merged_lse(params.num_peers, [&](int p) { return __ldcv(params.peer_lse[p] + row); });
+    const MergeScale merge =
+        merge_scale(params.num_peers, [&](int p) { return __ldcv(params.peer_lse[p] + row); });
     float accumulator[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) accumulator[i] = 0.0f;
     for (int p = 0; p < params.num_peers; ++p) {
-      const float weight = merge_weight(__ldcv(params.peer_lse[p] + row), total_lse);
+      const float weight = merge_weight(__ldcv(params.peer_lse[p] + row), merge);
       if (weight == 0.0f) continue;  // an absent part is never read
       const T* part = static_cast<const T*>(params.peer_out[p]) + row * params.head_dim + element;
       ElementVector<T, VEC> values;
@@ -126,9 +126,9 @@ __global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCo
     }
     ElementVector<T, VEC> result;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) result.elements[i] = ElementTraits<T>::from_float(accumulator[i]);
+    for (int i = 0; i < VEC; ++i) result.elements[i] = ElementTraits<T>::from_float(accumulator[i] * merge.normalizer);
     store_vector<T, VEC>(out + row * params.head_dim + element, result);
-    if (element == 0) params.out_lse[row] = total_lse;
+    if (element == 0) params.out_lse[row] = merge.lse;
   }
 }
 

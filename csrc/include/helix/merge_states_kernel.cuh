@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
     const int64_t lse_stride_part = params.lse_stride_part;
     const int64_t out_stride_part = params.out_stride_part;
 
-    const float total_lse = merged_lse(
+    const MergeScale total = merge_scale(
         params.num_parts, [&](int part) { return __ldg(row_lse + part * lse_stride_part); });
 
     float accumulator[VEC];
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
       for (int j = 0; j < kMergeStatesPartsInFlight; ++j) {
         const int part = first_part + j;
         weights[j] = part < params.num_parts
-                         ? merge_weight(__ldg(row_lse + part * lse_stride_part), total_lse)
+                         ? merge_weight(__ldg(row_lse + part * lse_stride_part), total)
                          : 0.0f;
       }
 #pragma unroll
@@ -101,9 +101,9 @@ __global__ void __launch_bounds__(kMergeStatesThreads)
 
     ElementVector<OutT, VEC> result;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) result.elements[i] = ElementTraits<OutT>::from_float(accumulator[i]);
+    for (int i = 0; i < VEC; ++i) result.elements[i] = ElementTraits<OutT>::from_float(accumulator[i] * total.normalizer);
     store_vector<OutT, VEC>(out + row * params.head_dim + element, result);
-    if (element == 0) params.out_lse[row] = total_lse;
+    if (element == 0) params.out_lse[row] = total.lse;
   }
 }
 

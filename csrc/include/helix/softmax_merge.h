@@ -14,55 +14,66 @@
 namespace helix {
 
 struct SoftmaxState {
-  float max;  // running maximum, -inf while empty
-  float sum;  // sum of exp(x - max), 0 while empty
+  float max;  // running maximum: -inf while empty, NaN once poisoned
+  float sum;  // sum of exp(x - max): 0 while empty (>= 1 otherwise), NaN once poisoned
 };
 
+// A state is empty (no finite score or LSE seen: sum == 0), finite, or poisoned (a NaN or
+// +inf was seen: sum is NaN). -inf means empty and nothing else; a poisoned state's LSE, its
+// weights and so the whole row's output are NaN, on every path and for any number of parts.
+HELIX_HOST_DEVICE float quiet_nan() { return __builtin_nanf(""); }
 HELIX_HOST_DEVICE SoftmaxState softmax_state_empty() { return {neg_inf(), 0.0f}; }
 
 // Adds one score (or one partial LSE, which is the same thing for a merge).
-// A -inf input is absent; comparing with max first keeps exp()'s argument <= 0, so
-// LSE values of any magnitude (+-1000 and beyond) never overflow.
+// A -inf input is absent; NaN or +inf poisons the state. Comparing with max first keeps
+// exp()'s argument <= 0, so LSE values of any magnitude never overflow.
 HELIX_HOST_DEVICE void softmax_state_add(SoftmaxState& state, float x) {
   if (x == neg_inf()) return;
+  if (!(x <= 3.402823466e38f)) {  // NaN or +inf
+    state = {quiet_nan(), quiet_nan()};
+    return;
+  }
   if (x > state.max) {
     // exp(-inf - x) = 0 when the state is still empty, so no special case is needed.
     state.sum = state.sum * expf(state.max - x) + 1.0f;
     state.max = x;
   } else {
-    state.sum += expf(x - state.max);
+    state.sum += expf(x - state.max);  // NaN stays NaN once poisoned (x > NaN is false)
   }
 }
 
-// Associative combine of two states (parallel reductions: warp shuffles, split-KV merges).
-HELIX_HOST_DEVICE SoftmaxState softmax_state_combine(SoftmaxState a, SoftmaxState b) {
-  if (a.max == neg_inf()) return b;
-  if (b.max == neg_inf()) return a;
-  if (a.max >= b.max) return {a.max, a.sum + b.sum * expf(b.max - a.max)};
-  return {b.max, b.sum + a.sum * expf(a.max - b.max)};
-}
-
-// Natural-log LSE of a state: -inf for an empty one.
+// Natural-log LSE of a state: -inf for an empty one, NaN for a poisoned one.
 HELIX_HOST_DEVICE float softmax_state_lse(SoftmaxState state) {
-  if (state.max == neg_inf()) return neg_inf();
+  if (state.sum == 0.0f) return neg_inf();
   return state.max + logf(state.sum);
 }
 
-// LSE over P partial LSEs; load_lse(p) returns part p's LSE.
+// The merge of P partial states (O_i, LSE_i), ready to weight them:
+//   O = normalizer * sum_i weight_i * O_i,  weight_i = exp(LSE_i - max),  normalizer = 1 / sum_i weight_i.
+// Weights are taken relative to the largest LSE, never to the rounded merged LSE, so the
+// result's accuracy does not depend on |LSE| (exp(LSE_i - LSE) with an fp32 LSE of 2e4 would
+// carry a relative error of 2e4 * 2^-24).
+struct MergeScale {
+  float max;         // largest part LSE (-inf: every part absent; NaN: poisoned)
+  float normalizer;  // 1 / sum of the weights; 0 when every part is absent, NaN when poisoned
+  float lse;         // merged natural-log LSE
+};
+
+// load_lse(p) returns part p's LSE.
 template <typename LoadLse>
-HELIX_HOST_DEVICE float merged_lse(int num_parts, LoadLse load_lse) {
+HELIX_HOST_DEVICE MergeScale merge_scale(int num_parts, LoadLse load_lse) {
   SoftmaxState state = softmax_state_empty();
   for (int p = 0; p < num_parts; ++p) softmax_state_add(state, load_lse(p));
-  return softmax_state_lse(state);
+  return {state.max, state.sum == 0.0f ? 0.0f : 1.0f / state.sum, softmax_state_lse(state)};
 }
 
-// Weight of a part with LSE part_lse in a merge whose total LSE is total_lse:
-// exp(part_lse - total_lse), and exactly 0 for an absent part or an all-absent merge.
-// Callers skip parts of weight 0 rather than multiply, so an absent part's garbage
-// output (NaN, inf) never reaches the result.
-HELIX_HOST_DEVICE float merge_weight(float part_lse, float total_lse) {
-  if (total_lse == neg_inf() || part_lse == neg_inf()) return 0.0f;
-  return expf(part_lse - total_lse);
+// Unnormalized weight exp(part_lse - max) of one part, in [0, 1]: exactly 0 for an absent
+// part (-inf), NaN in a poisoned merge. Callers skip parts of weight 0 rather than multiply,
+// so an absent part's garbage output (NaN, inf) never reaches the result, then multiply the
+// weighted sum by the normalizer.
+HELIX_HOST_DEVICE float merge_weight(float part_lse, const MergeScale& scale) {
+  if (part_lse == neg_inf()) return 0.0f;
+  return expf(part_lse - scale.max);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -92,10 +103,27 @@ HELIX_HOST_DEVICE float online_softmax_offset(const SoftmaxState& state) {
   return state.max == neg_inf() ? 0.0f : state.max;
 }
 
-// Natural-log LSE of a log2-domain state: -inf when no score was finite.
+// Folds a complete log2-domain state (a slice of the tokens: its max and its whole sum) into
+// total. Associative; an empty part changes nothing and a poisoned part (sum NaN, whatever
+// its max: an all-NaN slice keeps max -inf) poisons total.
+HELIX_HOST_DEVICE void online_softmax_combine(SoftmaxState& total, SoftmaxState part) {
+  if (part.sum == 0.0f) return;
+  online_softmax_rescale(total, part.max);
+  total.sum += part.sum * exp2f(part.max - total.max);
+}
+
+// Natural-log LSE of a log2-domain state: -inf when no score was seen (sum 0), NaN when a
+// score was NaN or +inf (then exp2 of it, and so the sum, is NaN: fmaxf/std::max drop a NaN
+// from the tile max, but never from the sum).
 HELIX_HOST_DEVICE float online_softmax_lse(const SoftmaxState& state) {
-  if (state.max == neg_inf()) return neg_inf();
+  if (state.sum == 0.0f) return neg_inf();
   return (state.max + log2f(state.sum)) * kLn2;
+}
+
+// The factor that turns a state's weighted sum of V into its output: scale / sum, 0 for an
+// empty state (whose sum of V is 0), NaN for a poisoned one.
+HELIX_HOST_DEVICE float online_softmax_normalizer(const SoftmaxState& state, float scale) {
+  return state.sum == 0.0f ? 0.0f : scale / state.sum;
 }
 
 }  // namespace helix
