@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import helix_ext
-from helix_ext.reference import (E2M1_GRID, dequantize_fp4_reference, e2m1_decode, fp4_grouped_gemm_reference,
+from helix_ext.reference import (CANONICAL_NAN_BITS, E2M1_GRID, dequantize_fp4_reference, e2m1_decode, fp4_grouped_gemm_reference,
                                  fp4_pack, fp4_unpack, quantize_fp4_reference)
 from conftest import DEVICES, DEVICES_AND_SIMT, call_op, tensor_device
 from tolerance import assert_close_to_reference
@@ -146,6 +146,91 @@ def test_calibrated_global_scale_is_used(device):
     assert global_scale.item() == pytest.approx(0.01) and global_scale.data_ptr() != given.data_ptr()
 
 
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_infinities_saturate_and_leave_other_rows_alone(device, fmt, dtype):
+    # +-inf quantizes like +-FLT_MAX in its block (code +-6 at that block's scale) and stays out
+    # of NVFP4's tensor amax: the global scale and every row without an inf are unchanged.
+    backend, device = device, tensor_device(device)
+    block = BLOCK[fmt]
+    x = torch.randn(5, 4 * block).to(dtype)
+    x[1, 3] = 50.0  # the finite amax, in a row without an inf
+    x[0, 2], x[0, block + 1], x[3, 0] = float("inf"), float("-inf"), float("nan")
+    x = x.to(device)
+    packed, scales, global_scale = quantize_and_compare(x, fmt, device=backend)
+    rest = call_op(backend, "quantize_fp4", x[1:].clone(), fmt)
+    assert same_bits(global_scale, rest[2]), "an inf changed the global scale"
+    assert same_bits(packed[1:], rest[0]) and same_bits(scales[1:], rest[1]), "an inf changed rows without one"
+    out = call_op(backend, "dequantize_fp4", packed, scales, global_scale, fmt, torch.float32).cpu()
+    assert torch.isfinite(out).all(), "inf must saturate to a finite code, NaN quantize to 0"
+    largest = 6.0 * (448.0 * global_scale.item() if fmt == "nvfp4" else 2.0 ** 125)
+    assert out[0, 2].item() == pytest.approx(largest) and out[0, block + 1].item() == pytest.approx(-largest)
+    assert out[3, 0].item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+def test_nvfp4_global_scale_is_never_zero(device):
+    # amax / 2688 underflows to 0 for amax below ~4e-42: the global scale is then 1.0 (as for
+    # an all-zero tensor), which fp4_grouped_gemm accepts, never 0, which it must reject.
+    backend, device = device, tensor_device(device)
+    x = torch.zeros(2, 32)
+    x[0, 5], x[1, 7] = 1e-43, -3e-44  # fp32 subnormals
+    packed, scales, global_scale = quantize_and_compare(x.to(device), "nvfp4", device=backend)
+    assert global_scale.item() == 1.0
+    y = call_op(backend, "fp4_grouped_gemm", torch.randn(3, 32).bfloat16().to(device), packed.unsqueeze(0),
+                scales.unsqueeze(0), global_scale.reshape(1), torch.tensor([3], dtype=torch.int32, device=device),
+                "nvfp4")
+    assert torch.all(y == 0)
+
+
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_nan_scale_codes_dequantize_to_the_canonical_nan(device, fmt, dtype):
+    # e4m3 0x7F / 0xFF and e8m0 0xFF are NaN: every element of such a block, positive or
+    # negative code, dequantizes to the dtype's canonical quiet NaN, on every device.
+    backend, device = device, tensor_device(device)
+    block = BLOCK[fmt]
+    packed = torch.randint(0, 256, (3, 2 * block), dtype=torch.uint8)
+    if fmt == "nvfp4":
+        codes = torch.tensor([[0x7F, 0x38, 0xFF, 0x40]] * 3, dtype=torch.uint8)
+        scales, nan_blocks = codes.view(torch.float8_e4m3fn), [0, 2]
+    else:
+        scales, nan_blocks = torch.tensor([[0xFF, 127, 0xFF, 120]] * 3, dtype=torch.uint8), [0, 2]
+    out = call_op(backend, "dequantize_fp4", packed.to(device), scales.to(device), torch.tensor(0.5, device=device),
+                  fmt, dtype).cpu()
+    expected = dequantize_fp4_reference(packed, scales, torch.tensor(0.5), fmt, dtype)
+    assert same_bits(out, expected)
+    bits = out.view(INT_VIEW[dtype]).view(3, -1, block).long() & (0xFFFFFFFF if dtype == torch.float32 else 0xFFFF)
+    for b in range(out.shape[1] // block):
+        nan = torch.all(bits[:, b] == CANONICAL_NAN_BITS[dtype])
+        assert bool(nan) == (b in nan_blocks), b
+
+
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+def test_mxfp4_scale_code_zero_is_2_pow_minus_127_in_the_gemm(device):
+    # E8M0 code 0 is 2^-127 (the codec's and the OCP spec's value; a bf16 subnormal), not 0:
+    # with activations near 2^100 the products are ordinary numbers the GEMM must get right.
+    backend, device = device, tensor_device(device)
+    n, k = 16, 64
+    codes = torch.randint(0, 256, (1, n, k // 2), dtype=torch.uint8)
+    scales = torch.zeros(1, n, k // 32, dtype=torch.uint8)
+    x = (torch.randn(4, k) * 2.0 ** 100).bfloat16()
+    offs = torch.tensor([4], dtype=torch.int32)
+    args = [x, codes, scales, torch.ones(1), offs]
+    y = call_op(backend, "fp4_grouped_gemm", *[a.to(device) for a in args], "mxfp4")
+    reference = fp4_grouped_gemm_reference(*args, "mxfp4", out_dtype=torch.float64)
+    baseline = fp4_grouped_gemm_reference(*args, "mxfp4", compute_dtype=torch.float32)
+    assert reference.abs().max() > 1e-9  # 2^100 * 6 * 2^-127 * 64 terms: far from 0
+    assert_close_to_reference(y, reference, baseline, accumulated_terms=k, name="y")
+    dense = helix_ext.dequantize_fp4(codes[0], scales[0], torch.tensor(1.0), "mxfp4", torch.float32)
+    assert dense.abs().max() > 0 and dense.abs().max() <= 6 * 2.0 ** -127
+
+
 def test_pack_layout_low_nibble_first():
     codes = torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)
     assert fp4_pack(codes).tolist() == [[0x21, 0x43]]
@@ -281,10 +366,12 @@ def test_quantize_bad_inputs(device, monkeypatch):
     for args, kwargs, message in cases:
         with pytest.raises(RuntimeError, match=message):
             helix_ext.quantize_fp4(*args, **kwargs)
-    for bad in (0.0, float("inf"), -1.0):
+    packed, scales, global_scale = helix_ext.quantize_fp4(x, "nvfp4")
+    for bad in (0.0, float("inf"), -1.0, float("nan")):
         with pytest.raises(RuntimeError, match=r"global_scale = .* must be finite and positive"):
             helix_ext.quantize_fp4(x, "nvfp4", torch.tensor(bad, device=device))
-    packed, scales, global_scale = helix_ext.quantize_fp4(x, "nvfp4")
+        with pytest.raises(RuntimeError, match=r"dequantize_fp4: global_scale = .* must be finite and positive"):
+            helix_ext.dequantize_fp4(packed, scales, torch.tensor(bad, device=device), "nvfp4")
     with pytest.raises(RuntimeError, match=r"block_scales must be Float8_e4m3fn for nvfp4"):
         helix_ext.dequantize_fp4(packed, scales.view(torch.uint8), global_scale, "nvfp4")
     with pytest.raises(RuntimeError, match=r"block_scales must be \[M, K/16\]"):

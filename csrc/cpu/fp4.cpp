@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "fp4_args.h"
@@ -23,13 +24,15 @@ float amax_of(const at::Tensor& x) {
     float local = 0.0f;
     for (int64_t r = begin; r < end; ++r) {
       const T* row = data + r * x.stride(0);
-      for (int64_t c = 0; c < cols; ++c) local = max_ignoring_nan(local, absolute(static_cast<float>(row[c * x.stride(1)])));
+      for (int64_t c = 0; c < cols; ++c) {
+        local = max_magnitude(local, tensor_amax_magnitude(static_cast<float>(row[c * x.stride(1)])));
+      }
     }
     float& slot = partial[at::get_thread_num()];
-    slot = max_ignoring_nan(slot, local);
+    slot = max_magnitude(slot, local);
   });
   float amax = 0.0f;
-  for (float value : partial) amax = max_ignoring_nan(amax, value);
+  for (float value : partial) amax = max_magnitude(amax, value);
   return amax;
 }
 
@@ -79,6 +82,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
   return {packed, scales, global};
 }
 
+template <typename T>
+T canonical_nan() {
+  if constexpr (std::is_same_v<T, float>) {
+    return float_from_bits(0x7FC00000u);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return c10::Half(0x7E00, c10::Half::from_bits());
+  } else {
+    return c10::BFloat16(0x7FC0, c10::BFloat16::from_bits());
+  }
+}
+
 // Multiplier of block `b` of a row whose scale codes start at `scale_row`.
 inline float block_multiplier(const uint8_t* scale_row, int64_t b, bool nvfp4, float global_scale) {
   return nvfp4 ? nvfp4_block_multiplier(scale_row[b], global_scale) : mxfp4_scale_value(scale_row[b]);
@@ -90,6 +104,7 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& block_
   TORCH_CHECK(packed.device().is_cpu(), "dequantize_fp4: packed must be a CPU tensor here, got ", packed.device());
   const at::Tensor bytes = packed.contiguous(), scales = block_scales.contiguous();
   const int64_t rows = bytes.size(0), cols = bytes.size(1) * 2, blocks = cols / format.block;
+  check_global_scale_values("dequantize_fp4", "global_scale", global_scale);
   const float global_value = global_scale.item<float>();
   at::Tensor out = at::empty({rows, cols}, packed.options().dtype(dtype));
   const uint8_t* byte_data = bytes.const_data_ptr<uint8_t>();
@@ -102,7 +117,9 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& block_
           const float multiplier = block_multiplier(scale_data + r * blocks, b, format.nvfp4, global_value);
           for (int64_t i = b * format.block; i < (b + 1) * format.block; ++i) {
             const uint8_t byte = byte_data[r * (cols / 2) + i / 2];
-            out_data[r * cols + i] = static_cast<scalar_t>(dequantize_fp4_element(byte, static_cast<int>(i % 2), multiplier));
+            const float value = dequantize_fp4_element(byte, static_cast<int>(i % 2), multiplier);
+            // NaN as the canonical pattern of the dtype (0x7FC00000, 0x7E00, 0x7FC0), as on CUDA.
+            out_data[r * cols + i] = value == value ? static_cast<scalar_t>(value) : canonical_nan<scalar_t>();
           }
         }
       }

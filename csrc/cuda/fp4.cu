@@ -27,6 +27,7 @@ at::Tensor dequantize_fp4_cuda(const at::Tensor& packed_in, const at::Tensor& bl
   const Fp4Format format = check_dequantize_fp4_args(packed_in, block_scales, global_scale, fmt, dtype);
   TORCH_CHECK(packed_in.is_cuda(), "dequantize_fp4: packed must be a CUDA tensor here, got ", packed_in.device());
   const c10::cuda::CUDAGuard device_guard(packed_in.device());
+  if (check_inputs_on_device()) check_global_scale_values("dequantize_fp4", "global_scale", global_scale);
   return fp4_launch::dequantize(packed_in, block_scales, global_scale, format, dtype,
                                 launch_context(packed_in.get_device()));
 }

@@ -108,6 +108,7 @@ at::Tensor dequantize_fp4_simt(const at::Tensor& packed, const at::Tensor& block
                                c10::string_view fmt, at::ScalarType dtype) {
   const Fp4Format format = check_dequantize_fp4_args(packed, block_scales, global_scale, fmt, dtype);
   EmulatedCall call("dequantize_fp4", packed);
+  if (check_inputs_on_device()) check_global_scale_values("dequantize_fp4", "global_scale", global_scale);
   return fp4_launch::dequantize(packed, block_scales, global_scale, format, dtype, call.context());
 }
 

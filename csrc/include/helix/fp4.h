@@ -10,6 +10,11 @@
 //          q = rne_e2m1(x / (float(s) * global)),  x ~= e2m1(q) * float(s) * global.
 //   MXFP4: one E8M0 scale per 32 elements, X = 2^(floor(log2(block_amax)) - 2) clamped to
 //          [2^-127, 2^127] (an all-zero block takes 2^-127), q = rne_e2m1(x / X).
+// Non-finite elements: NaN quantizes to 0 and counts as 0 in every amax; +-inf saturates (it
+// counts as +-FLT_MAX in its block's amax and takes the code +-6) and stays out of NVFP4's
+// tensor amax, so the global scale, and every block without an inf, is what it would be
+// without it. The global scale is never 0: an amax whose amax / 2688 underflows gives 1.0,
+// like an all-zero tensor.
 #pragma once
 
 #include <stdint.h>
@@ -24,6 +29,7 @@ constexpr int kMxfp4Block = 32;
 constexpr float kE4m3Max = 448.0f;
 constexpr float kE4m3MinSubnormal = 0.001953125f;  // 2^-9
 constexpr float kE2m1Max = 6.0f;
+constexpr float kFloatMax = 3.402823466e38f;
 
 HELIX_HOST_DEVICE uint32_t float_bits(float value) {
 #if defined(__CUDA_ARCH__)
@@ -37,12 +43,21 @@ HELIX_HOST_DEVICE uint32_t float_bits(float value) {
 
 HELIX_HOST_DEVICE float absolute(float value) { return float_from_bits(float_bits(value) & 0x7FFFFFFFu); }
 
-// max that ignores NaN (like fmaxf), written out so that host and device agree exactly.
-HELIX_HOST_DEVICE float max_ignoring_nan(float a, float b) {
-  if (b != b) return a;
-  if (a != a) return b;
-  return a > b ? a : b;
+// What an element adds to NVFP4's tensor amax: |x| when finite, 0 for NaN and +-inf.
+HELIX_HOST_DEVICE float tensor_amax_magnitude(float x) {
+  const float a = absolute(x);
+  return a <= kFloatMax ? a : 0.0f;
 }
+
+// What an element adds to its block's amax: |x|, +-inf saturated to FLT_MAX, NaN as 0.
+HELIX_HOST_DEVICE float block_amax_magnitude(float x) {
+  const float a = absolute(x);
+  if (a <= kFloatMax) return a;
+  return a == a ? kFloatMax : 0.0f;
+}
+
+// max of two magnitudes (never NaN: see the two functions above).
+HELIX_HOST_DEVICE float max_magnitude(float a, float b) { return a > b ? a : b; }
 
 // Value of a 4-bit E2M1 code (the low nibble of `code`).
 HELIX_HOST_DEVICE float e2m1_to_float(uint32_t code) {
@@ -100,8 +115,12 @@ HELIX_HOST_DEVICE uint8_t e4m3_from_float(float value) {
   return static_cast<uint8_t>((biased << 3) | mantissa);
 }
 
-// NVFP4 per-tensor global scale from the tensor's amax (NaN-free for amax = 0).
-HELIX_HOST_DEVICE float nvfp4_global_scale(float amax) { return amax > 0.0f ? amax / (kE2m1Max * kE4m3Max) : 1.0f; }
+// NVFP4 per-tensor global scale from the tensor's (finite) amax: amax / 2688, or 1.0 when that
+// is 0 (an all-zero tensor, or an amax below ~4e-42 whose quotient underflows), never 0.
+HELIX_HOST_DEVICE float nvfp4_global_scale(float amax) {
+  const float scale = amax / (kE2m1Max * kE4m3Max);
+  return scale > 0.0f ? scale : 1.0f;
+}
 
 // NVFP4 block scale code; the clamp comes before the cast, so neither an all-zero block
 // (0 / global) nor a huge one can make a NaN.
@@ -141,7 +160,7 @@ template <int BLOCK>
 HELIX_HOST_DEVICE uint8_t quantize_fp4_block(const float (&values)[BLOCK], bool nvfp4, float global_scale,
                                              uint8_t (&packed)[BLOCK / 2]) {
   float block_amax = 0.0f;
-  for (int i = 0; i < BLOCK; ++i) block_amax = max_ignoring_nan(block_amax, absolute(values[i]));
+  for (int i = 0; i < BLOCK; ++i) block_amax = max_magnitude(block_amax, block_amax_magnitude(values[i]));
   uint8_t scale_code;
   float divisor;
   if (nvfp4) {
@@ -159,8 +178,11 @@ HELIX_HOST_DEVICE uint8_t quantize_fp4_block(const float (&values)[BLOCK], bool 
   return scale_code;
 }
 
-// Dequantized value of element `index` (0 or 1) of a packed byte.
+// Dequantized value of element `index` (0 or 1) of a packed byte. A NaN multiplier (scale
+// codes e4m3 0x7F/0xFF, e8m0 0xFF) gives the canonical quiet NaN 0x7FC00000 whatever the
+// code's sign: x86 would keep the NaN operand's sign and payload, a GPU makes its own.
 HELIX_HOST_DEVICE float dequantize_fp4_element(uint8_t byte, int index, float block_multiplier) {
+  if (block_multiplier != block_multiplier) return float_from_bits(0x7FC00000u);
   return e2m1_to_float(index == 0 ? byte & 0xFu : byte >> 4) * block_multiplier;
 }
 

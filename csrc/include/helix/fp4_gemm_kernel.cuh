@@ -58,11 +58,13 @@ HELIX_DEVICE uint32_t multiply_bf16_pairs(uint32_t a, uint32_t b) {
 }
 
 // Block scale as a bf16 pair (both halves equal). E4M3 values are exact in bf16; an E8M0
-// code c is 2^(c-127), i.e. the bf16 bit pattern c << 7 (code 0, 2^-127, becomes 0; 0xFF
-// is NaN, as in the shared codec).
+// code c is 2^(c-127), i.e. the bf16 bit pattern c << 7, except code 0: 2^-127 is the bf16
+// subnormal 0x0040 (as in the shared codec: the products with E2M1 values stay exact), and
+// 0xFF, NaN.
 HELIX_DEVICE uint32_t scale_pair(uint32_t code, bool nvfp4) {
   const float value = nvfp4 ? fp8_e4m3_to_float(static_cast<uint8_t>(code)) : 0.0f;
-  const uint32_t e8m0 = (code & 0xFFu) == 0xFFu ? 0x7FC0u : ((code & 0xFFu) << 7);
+  code &= 0xFFu;
+  const uint32_t e8m0 = code == 0xFFu ? 0x7FC0u : code == 0 ? 0x0040u : (code << 7);
   const uint32_t bits = nvfp4 ? (bf16_pair_bits(value, value) & 0xFFFFu) : e8m0;
   return bits | (bits << 16);
 }

@@ -1,6 +1,6 @@
 // FP4 quantize / dequantize CUDA kernels (torch-free). The per-element math is the shared
 // codec of helix/fp4.h, so these kernels and the CPU ones produce identical bits.
-//   amax_kernel:       max |x| over the tensor into one fp32 (NaN ignored), for NVFP4's
+//   amax_kernel:       max |x| over the tensor into one fp32 (NaN and inf ignored), for NVFP4's
 //                      global scale; one atomicMax per warp on the float's bits.
 //   quantize_kernel:   one thread per scale block (16 or 32 elements): loads the block
 //                      (16-byte loads when rows allow), writes its packed bytes and scale.
@@ -40,11 +40,11 @@ __global__ void __launch_bounds__(kFp4Threads)
     const int64_t row = index / vectors_per_row, col = (index - row * vectors_per_row) * VEC;
     const auto values = load_streaming<T, VEC>(x + row * stride_row + col);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) local = max_ignoring_nan(local, absolute(ElementTraits<T>::to_float(values.elements[i])));
+    for (int i = 0; i < VEC; ++i) local = max_magnitude(local, tensor_amax_magnitude(ElementTraits<T>::to_float(values.elements[i])));
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
-    local = max_ignoring_nan(local, __shfl_xor_sync(0xffffffffu, local, offset));
+    local = max_magnitude(local, __shfl_xor_sync(0xffffffffu, local, offset));
   }
   // Non-negative floats order like their bit patterns, so an integer max is a float max.
   if (threadIdx.x % 32 == 0 && local > 0.0f) atomicMax(amax_bits, float_bits(local));
@@ -114,8 +114,9 @@ __global__ void __launch_bounds__(kFp4Threads) dequantize_kernel(const Fp4Dequan
 #pragma unroll
       for (int j = 0; j < PER_STORE; ++j) {
         const int element = i * PER_STORE + j;
-        piece.elements[j] =
-            ElementTraits<T>::from_float(dequantize_fp4_element(bytes.elements[element / 2], element % 2, multiplier));
+        const float value = dequantize_fp4_element(bytes.elements[element / 2], element % 2, multiplier);
+        // NaN as the canonical pattern of T (what the CPU writes), not the GPU's 0x7FFF.
+        piece.elements[j] = value == value ? ElementTraits<T>::from_float(value) : ElementTraits<T>::quiet_nan();
       }
       store_vector<T, PER_STORE>(out + index * BLOCK + i * PER_STORE, piece);
     }
