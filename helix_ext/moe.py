@@ -92,7 +92,8 @@ def moe_ffn(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
             data-dependent shapes.
 
     Returns:
-        ``[T, H]`` in hidden's dtype (accumulated over the k experts in fp32).
+        ``[T, H]`` in hidden's dtype (accumulated over the k experts in fp32, in slot order:
+        deterministic, bit for bit, on every device).
     """
     num_tokens, top_k = topk_ids.shape
     num_local = gate_up.num_experts
@@ -106,9 +107,14 @@ def moe_ffn(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
     ffn_dim = gate_and_up.shape[1] // 2
     activated = (F.silu(gate_and_up[:, :ffn_dim].float()) * gate_and_up[:, ffn_dim:].float()).to(hidden.dtype)
     expert_out = down(activated, offs)
-    pair_weights = topk_weights.reshape(-1)[order].float()
-    out = torch.zeros(num_tokens, expert_out.shape[1], dtype=torch.float32, device=hidden.device)
-    out.index_add_(0, token_of_pair, expert_out.float() * pair_weights.unsqueeze(1))
+    # Un-sort by gathering each pair back to its (token, slot) place, then add the k slots in
+    # slot order: a fixed order, unlike index_add_, whose CUDA atomics add a token's pairs in
+    # whatever order they land (results would differ in the last bits from run to run).
+    unsort = torch.argsort(order)
+    contributions = (expert_out.float()[unsort] * topk_weights.reshape(-1, 1).float()).view(num_tokens, top_k, -1)
+    out = contributions[:, 0].clone()
+    for slot in range(1, top_k):
+        out += contributions[:, slot]
     return out.to(hidden.dtype)
 
 

@@ -213,4 +213,6 @@ class HelixDecoder:
         for layer in range(m.num_layers):
             x = x + self._attention(layer, x, position_tensor, slots)
             x = x + self._ffn(layer, x)
-        return (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
+        logits = (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
+        self.exchange.end_step()  # the step's only look at the exchange's device-side error flag
+        return logits

@@ -60,6 +60,7 @@ def run_rank(rank: int, backend: str, spec: DemoSpec) -> dict:
         "kv_tokens_per_sequence": decoder.cache.tokens_held(),
         "seconds": dict(decoder.timers.seconds),
         "exchange_bytes_sent": decoder.exchange.bytes_sent,
+        "exchange_error_checks": getattr(decoder.exchange, "error_checks", 0),
         "decode_seconds": time.perf_counter() - start,
         "device": str(device),
     }

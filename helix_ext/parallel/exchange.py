@@ -1,9 +1,9 @@
 """The exchange of Helix's attention: partial outputs and LSEs of every KVP rank, regrouped by
 query head, one all-to-all inside the KVP group, then merged with merge_states.
 
-Backends share one interface, begin_layer(), start(out, lse) -> handle and finish(handle) ->
+Backends share one interface, begin_layer(), start(out, lse) -> handle, finish(handle) ->
 (merged out [B, h, Dv], merged lse [B, h]) for the h query heads this rank owns after the
-exchange, so HOP-B can start chunk c's exchange and finish it while chunk c+1's attention
+exchange, and end_step() once per decode step (where errors found on the device surface), so HOP-B can start chunk c's exchange and finish it while chunk c+1's attention
 computes, and the backends are interchangeable without touching the layers:
   "nccl":  torch.distributed all-to-all of the partials, then merge_states;
   "fused": each rank writes its partials into its own symmetric (GPU) or shared (CPU) buffer
@@ -41,6 +41,9 @@ class CollectiveExchange:
 
     def begin_layer(self) -> None:
         pass
+
+    def end_step(self) -> None:
+        pass  # collectives report their own errors
 
     def start(self, out: torch.Tensor, lse: torch.Tensor):
         """out [B, H, Dv], lse [B, H] over this TPA group's H query heads."""

@@ -14,6 +14,9 @@ then `hopb_signal` bumps the slot's epoch (kept in device memory, so graph repla
 last step's flag) and publishes it as the slot's flag with release semantics. finish(handle)
 runs `hopb_combine`: wait (acquire, bounded) until every peer's flag for the slot reaches
 this rank's epoch, read each peer's region for this rank, merge with the merge_states math.
+A combine that times out on a GPU records the missing peer in a device-side error flag; the
+host reads it once per decode step, in end_step() (reading it after every chunk would make
+the host wait for combine(c) before it enqueues combine(c+1), and HOP-B would not overlap).
 A buffer is rewritten only in the next layer, after the output projection's all-reduce,
 which no rank passes before every rank has finished its combines: no further handshake.
 On GPUs the combine runs on a side stream, after an event of the compute stream, so chunk
@@ -55,6 +58,7 @@ class FusedExchange:
         self.epoch = torch.zeros(max_chunks, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
         self.bytes_sent = 0  # bytes peers read from this rank's buffer
+        self.error_checks = 0  # host reads of the error flag: one per decode step
         self._slot = 0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -147,12 +151,18 @@ class FusedExchange:
         compute.wait_stream(self._stream)
         out.record_stream(compute)
         lse.record_stream(compute)
-        if not torch.cuda.is_current_stream_capturing():
-            self.check()
         return out, lse
+
+    def end_step(self) -> None:
+        """After a decode step: raise if any of its combines timed out (one device sync on GPUs,
+        where the step's results are read anyway; none while a CUDA graph is captured)."""
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return
+        self.check()
 
     def check(self) -> None:
         """Raise if a combine timed out waiting for a peer (a device sync on GPUs)."""
+        self.error_checks += 1
         missing = int(self.error.item())
         if missing:
             raise RuntimeError(f"FusedExchange: KVP peer {missing - 1} did not signal within {self.timeout_s} s")

@@ -32,6 +32,17 @@ def test_fused_gives_the_same_bits_as_nccl(model, helix):
     assert torch.equal(rank0_logits(model, "fused", **helix), rank0_logits(model, "nccl", **helix))
 
 
+def test_the_error_flag_is_read_once_per_step_not_per_chunk():
+    # Reading the device-side error flag is a host sync on GPUs: once per decode step, never
+    # between chunks (the host would wait for combine(c) before enqueueing combine(c + 1)).
+    steps = 5
+    spec = DemoSpec(model=tiny_llama(), helix=HelixConfig(kvp=2, tpa=1, tokens_per_block=4, exchange="fused",
+                                                          hopb_chunks=3), context_lengths=LENGTHS, steps=steps)
+    ranks = spawn(run_rank, spec.helix.world_size, (spec,), timeout_s=120)
+    layers = spec.model.num_layers
+    assert layers > 1 and [r["exchange_error_checks"] for r in ranks] == [steps] * 2
+
+
 def test_fused_matches_the_single_rank_reference():
     spec = DemoSpec(model=tiny_llama(), helix=HelixConfig(kvp=4, tpa=1, tokens_per_block=4, exchange="fused",
                                                           hopb_chunks=2), context_lengths=LENGTHS, steps=9)
@@ -61,12 +72,21 @@ def _symmetric_memory_worker(rank, backend, dim):
 
     torch.cuda.set_device(0)
     group = dist.new_group([0, 1])
-    exchange = FusedExchange(group, rank, [2, 2], 8, dim, torch.bfloat16, torch.device("cuda", 0))
+    exchange = FusedExchange(group, rank, [2, 2], 8, dim, torch.bfloat16, torch.device("cuda", 0), max_chunks=3)
     g = torch.Generator(device="cuda").manual_seed(100 + rank)
     out = torch.randn(8, 4, dim, device="cuda", generator=g).bfloat16()
     lse = torch.randn(8, 4, device="cuda", generator=g)
     exchange.begin_layer()
-    merged, merged_lse = exchange.finish(exchange.start(out, lse))
+    # Three chunks (HOP-B) with no host sync between them: the error flag is read in end_step only.
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        handles = [exchange.start(out[rows], lse[rows]) for rows in (slice(0, 3), slice(3, 6), slice(6, 8))]
+        pieces = [exchange.finish(handle) for handle in handles]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    exchange.end_step()
+    assert exchange.error_checks == 1
+    merged, merged_lse = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
     gathered = [torch.empty_like(out) for _ in range(2)]
     gathered_lse = [torch.empty_like(lse) for _ in range(2)]
     dist.all_gather(gathered, out, group=group)
