@@ -114,6 +114,18 @@ def command_demo(args) -> int:
     return command_tiny_demo(args)
 
 
+def layout_from_args(args, num_kv_heads: int, default: tuple[int, int]) -> tuple[int, int]:
+    """(kvp, tpa): as given; under torchrun, what is not given follows from the world size
+    (default_layout); otherwise the command's default layout."""
+    from helix_ext.parallel.config import default_layout
+    from helix_ext.parallel.launch import torchrun_environment
+
+    launched = torchrun_environment()
+    if launched is not None:
+        return default_layout(launched[1], num_kv_heads, args.kvp, args.tpa)
+    return (default[0] if args.kvp is None else args.kvp, default[1] if args.tpa is None else args.tpa)
+
+
 def command_model_demo(args) -> int:
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.hf_model import MODEL_HEADS, ModelUnavailable
@@ -121,14 +133,13 @@ def command_model_demo(args) -> int:
     from helix_ext.parallel.model_demo import (MODEL_BACKEND, compare, format_model_report, prepare, run_model_demo,
                                                run_model_rank)
 
-    kvp = 2 if args.kvp is None else args.kvp
-    tpa = 3 if args.tpa is None else args.tpa
-    helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=args.tokens_per_block, hopb_chunks=args.hopb_chunks,
-                        exchange=args.exchange)
     if args.max_new_tokens < 1:
         print("--max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     try:
+        kvp, tpa = layout_from_args(args, MODEL_HEADS[1], default=(2, 3))
+        helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=args.tokens_per_block, hopb_chunks=args.hopb_chunks,
+                            exchange=args.exchange)
         helix.validate(*MODEL_HEADS, moe=False)  # before loading the model
         if torchrun_environment() is None:
             report = run_model_demo(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, timeout_s=args.timeout,
@@ -153,17 +164,19 @@ def command_model_demo(args) -> int:
 def command_tiny_demo(args) -> int:
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.demo import DemoSpec, build_report, format_report, run_demo, run_rank
-    from helix_ext.parallel.launch import run_under_torchrun, torchrun_environment
+    from helix_ext.parallel.launch import choose_backend, run_under_torchrun, torchrun_environment
     from helix_ext.parallel.models import tiny_deepseek, tiny_llama
 
     make_model = tiny_llama if args.model == "llama" else tiny_deepseek
-    model = make_model(dtype=getattr(torch, args.dtype), expert_format=args.experts, seed=args.seed)
-    default_tpa = 1 if args.model == "deepseek" else 2
-    helix = HelixConfig(kvp=2 if args.kvp is None else args.kvp, tpa=default_tpa if args.tpa is None else args.tpa,
-                        tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
-                        hopb_chunks=args.hopb_chunks, exchange=args.exchange)
+    model = make_model(expert_format=args.experts, seed=args.seed)
     try:
-        helix.validate(model.num_q_heads, model.attention_kv_heads, model.num_experts > 0, model.num_experts)
+        kvp, tpa = layout_from_args(args, model.attention_kv_heads, default=(2, 1 if args.model == "deepseek" else 2))
+        helix = HelixConfig(kvp=kvp, tpa=tpa, tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
+                            hopb_chunks=args.hopb_chunks, exchange=args.exchange)
+        # float32 is the CPU's exact-arithmetic default; ranks on GPUs run bf16 (tensor cores).
+        dtype = args.dtype or ("bfloat16" if choose_backend(helix.world_size) == "nccl" else "float32")
+        model = make_model(dtype=getattr(torch, dtype), expert_format=args.experts, seed=args.seed)
+        helix.validate_model(model)
     except HelixConfigError as error:
         print(f"invalid Helix config: {error}", file=sys.stderr)
         return 2
@@ -199,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="smollm2: SmolLM2-135M-Instruct (real weights, checked against transformers); "
                            "llama (GQA + dense FFN) or deepseek (MLA + MoE): seeded tiny models over a "
                            "synthesized context, checked against one rank (default smollm2)")
-    demo.add_argument("--kvp", type=int, default=None, help="KV-parallel ranks per TPA group (default 2)")
+    demo.add_argument("--kvp", type=int, default=None,
+                      help="KV-parallel ranks per TPA group (default 2; under torchrun: from the world size)")
     demo.add_argument("--tpa", type=int, default=None,
                       help="tensor-parallel ranks over KV heads (default 3 for smollm2: 1 or 3; 2 for llama; 1 for MLA)")
     demo.add_argument("--prompt", default=None,
@@ -217,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--context", type=int, default=32768, help="tiny models: context tokens per sequence (default 32768)")
     demo.add_argument("--batch", type=int, default=4, help="tiny models: sequences (default 4)")
     demo.add_argument("--steps", type=int, default=20, help="tiny models: decode steps (default 20)")
-    demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="tiny models: dtype")
+    demo.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                      help="tiny models: dtype (default bfloat16 on GPU ranks, float32 on the CPU)")
     demo.add_argument("--experts", choices=["dense", "nvfp4", "mxfp4"], default="dense",
                       help="deepseek: MoE expert weights")
     demo.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,9 @@ import torch
 from helix_ext._build_info import CUDA_BUILT, CUDA_SKIP_REASON
 
 _MERGE_STATES_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (Dk, Dv) pairs the CUDA flash_decode kernel is compiled for (csrc/cuda/flash_decode_variants.h);
+# the CPU kernel takes any head dims.
+CUDA_FLASH_DECODE_HEAD_DIMS = ((64, 64), (128, 128), (256, 256), (576, 512))
 _FLASH_DECODE_Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

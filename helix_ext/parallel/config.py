@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from helix_ext.reference import FP4_BLOCK
+
 
 class HelixConfigError(ValueError):
     """An invalid Helix configuration; the message names the constraint that fails."""
@@ -56,6 +58,49 @@ class HelixConfig:
         elif self.ep != 1 or (self.tpf is not None and self.tpf != self.world_size):
             raise HelixConfigError(f"a dense FFN runs TP = N = {self.world_size}: ep must be 1 and tpf unset or "
                                    f"{self.world_size}")
+
+    def validate_model(self, model) -> None:
+        """validate() for a ModelConfig, plus what its FFN shards need, so that every layout the
+        decoder's constructor would refuse is refused here, before any rank starts: FP4 weights
+        quantize along the hidden size and split in whole quantization blocks, and each TPF rank
+        of an FP4 MoE holds at least one block of every expert."""
+        moe = model.num_experts > 0
+        self.validate(model.num_q_heads, model.attention_kv_heads, moe, model.num_experts)
+        formats = []
+        if moe and model.expert_format in FP4_BLOCK:
+            formats.append(("experts", model.expert_format, model.moe_ffn_dim, self.ffn_tp, "tpf"))
+        if model.ffn_format in FP4_BLOCK and (not moe or model.first_dense_layers > 0):
+            formats.append(("dense FFN", model.ffn_format, model.ffn_dim, None, None))
+        for what, fmt, ffn_dim, parts, parts_name in formats:
+            block = FP4_BLOCK[fmt]
+            if model.hidden_size % block or ffn_dim % block:
+                raise HelixConfigError(f"{fmt} {what}: the hidden size ({model.hidden_size}) and the FFN dim "
+                                       f"({ffn_dim}) must be multiples of the {fmt} block ({block})")
+            if parts is not None and ffn_dim // block < parts:
+                raise HelixConfigError(f"{fmt} {what}: the FFN dim ({ffn_dim}) is {ffn_dim // block} blocks of "
+                                       f"{block}, fewer than {parts_name} = {parts} ranks to split it over in "
+                                       f"whole blocks (use fewer {parts_name} ranks, e.g. a larger ep)")
+
+
+def default_layout(world_size: int, num_kv_heads: int, kvp: int | None = None,
+                   tpa: int | None = None) -> tuple[int, int]:
+    """(kvp, tpa) for world_size ranks when the user gave one or neither: the given one fixes
+    the other (world_size / it); with neither, TPA takes the largest count that divides both the
+    KV heads and the world size (1 for MLA's single latent head) and KVP the rest."""
+    if world_size < 1:
+        raise HelixConfigError(f"the world size must be >= 1, got {world_size}")
+    given = {"kvp": kvp, "tpa": tpa}
+    for name, value in given.items():
+        if value is not None and (value < 1 or world_size % value):
+            raise HelixConfigError(f"{name} ({value}) must divide the world size ({world_size})")
+    if kvp is not None and tpa is not None:
+        return kvp, tpa
+    if kvp is not None:
+        return kvp, world_size // kvp
+    if tpa is not None:
+        return world_size // tpa, tpa
+    tpa = max(d for d in range(1, max(1, num_kv_heads) + 1) if num_kv_heads % d == 0 and world_size % d == 0)
+    return world_size // tpa, tpa
 
 
 def even_split(total: int, parts: int) -> list[int]:

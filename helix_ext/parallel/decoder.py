@@ -74,7 +74,7 @@ class HelixDecoder:
         with optional precomputed FP4 FFN codes under "layers.{i}.ffn.fp4"; context(layer,
         sequence, block) -> (keys [n, Hkv, Dk], values [n, Hkv, Dv] or None) of all KV heads
         (default: synthesized), e.g. a prefill's cache; only the blocks this rank owns are asked for."""
-        config.validate(model.num_q_heads, model.attention_kv_heads, model.num_experts > 0, model.num_experts)
+        config.validate_model(model)
         if dist.get_world_size() != config.world_size:
             raise ValueError(f"the process group has {dist.get_world_size()} ranks, the Helix config needs "
                              f"kvp x tpa = {config.world_size}")
@@ -130,7 +130,7 @@ class HelixDecoder:
             w[p + "wo"] = full[p + "wo"][:, merged.start * head_v:merged.stop * head_v].contiguous().to(dev)
             if m.is_moe_layer(layer):
                 w[p + "router"] = full[p + "router"].to(dev)
-                ffn = lay.ffn_slice(m.moe_ffn_dim, self.config.ffn_tp, lay.tpf_index)
+                ffn = lay.ffn_slice(m.moe_ffn_dim, self.config.ffn_tp, lay.tpf_index, ffn_granule(m.expert_format))
                 experts = lay.local_experts(m.num_experts)
                 w[p + "experts"] = local_experts(m, full, p, experts, ffn, dev)
                 w[p + "experts.first"] = experts.start

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from helix_ext.moe import Fp4Experts
+from helix_ext.reference import FP4_BLOCK
 
 FFN_FORMATS = ("none", "bf16", "nvfp4", "mxfp4")
-FP4_BLOCK = {"nvfp4": 16, "mxfp4": 32}
 
 
 def ffn_granule(fmt: str) -> int:

@@ -30,14 +30,15 @@ class ModelConfig:
     num_layers: int = 2
     num_q_heads: int = 8
     num_kv_heads: int = 4          # llama; MLA has one latent "KV head"
-    head_dim: int = 32             # llama
+    head_dim: int = 64             # llama (64: a head dim the CUDA flash_decode takes)
     ffn_dim: int = 256             # dense FFN (llama layers, deepseek's first dense layers)
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
-    # MLA (absorbed): cached entry = [kv_lora_rank latent | qk_rope_head_dim rotary key]
-    kv_lora_rank: int = 64
+    # MLA (absorbed): cached entry = [kv_lora_rank latent | qk_rope_head_dim rotary key]; 512 + 64
+    # as in DeepSeek-V3/R1, the (576, 512) shape of the CUDA flash_decode's MLA kernel
+    kv_lora_rank: int = 512
     qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
+    qk_rope_head_dim: int = 64
     v_head_dim: int = 32
     # MoE
     num_experts: int = 0

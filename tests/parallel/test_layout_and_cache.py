@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from helix_ext.parallel.config import HelixConfig, HelixConfigError, RankLayout
+from helix_ext.ops import CUDA_FLASH_DECODE_HEAD_DIMS
+from helix_ext.parallel.config import HelixConfig, HelixConfigError, RankLayout, default_layout
 from helix_ext.parallel.kv_cache import HelixKVCache
+from helix_ext.parallel.models import tiny_deepseek, tiny_llama
 
 
 @pytest.mark.parametrize("config, model, message", [
@@ -19,6 +21,53 @@ from helix_ext.parallel.kv_cache import HelixKVCache
 def test_invalid_configs_name_the_constraint(config, model, message):
     with pytest.raises(HelixConfigError, match=message):
         config.validate(*model)
+
+
+@pytest.mark.parametrize("model", [tiny_llama(), tiny_deepseek()], ids=["llama", "deepseek"])
+def test_tiny_models_have_head_dims_the_cuda_kernel_takes(model):
+    # The tiny models keep their point (GQA with a group > 1; MLA's 576/512 latent cache with few
+    # heads and a small hidden size) in shapes the CUDA flash_decode is compiled for.
+    assert model.cache_head_dims in CUDA_FLASH_DECODE_HEAD_DIMS
+    if model.mla:
+        assert model.cache_head_dims == (576, 512) and model.hidden_size <= 256
+    else:
+        assert model.num_q_heads // model.num_kv_heads > 1
+
+
+@pytest.mark.parametrize("config, model, message", [
+    # --experts nvfp4 on 8 ranks: 8 TPF slices of a 64-wide expert FFN are 8 columns, half a block.
+    (HelixConfig(kvp=8), tiny_deepseek(expert_format="nvfp4"), r"nvfp4 experts: the FFN dim \(64\) is 4 blocks"),
+    (HelixConfig(kvp=4, ep=2, tpf=2), tiny_deepseek(expert_format="mxfp4", moe_ffn_dim=48),
+     r"mxfp4 experts: the hidden size \(128\) and the FFN dim \(48\) must be multiples of the mxfp4 block"),
+    (HelixConfig(kvp=2, tpa=2), tiny_llama(ffn_format="nvfp4", ffn_dim=200),
+     r"nvfp4 dense FFN: the hidden size \(128\) and the FFN dim \(200\) must be multiples"),
+])
+def test_validate_model_refuses_what_the_decoder_would(config, model, message):
+    # Refused up front, before any rank starts (the decoder's constructor used to be the first to fail).
+    with pytest.raises(HelixConfigError, match=message):
+        config.validate_model(model)
+
+
+def test_validate_model_accepts_fp4_experts_in_whole_blocks():
+    HelixConfig(kvp=4).validate_model(tiny_deepseek(expert_format="nvfp4"))  # 4 blocks over tpf = 4
+    HelixConfig(kvp=8, ep=2).validate_model(tiny_deepseek(expert_format="nvfp4"))  # tpf = 4
+
+
+@pytest.mark.parametrize("world, kv_heads, kvp, tpa, expected", [
+    (8, 4, None, None, (2, 4)), (8, 1, None, None, (8, 1)), (6, 3, None, None, (2, 3)), (8, 3, None, None, (8, 1)),
+    (1, 4, None, None, (1, 1)), (8, 4, 8, None, (8, 1)), (8, 4, None, 2, (4, 2)), (12, 4, 3, 4, (3, 4)),
+])
+def test_default_layout_follows_the_world_size(world, kv_heads, kvp, tpa, expected):
+    # Under torchrun the demo derives a valid layout from the world size (kvp x tpa = world).
+    assert default_layout(world, kv_heads, kvp, tpa) == expected
+    got_kvp, got_tpa = default_layout(world, kv_heads, kvp, tpa)
+    assert got_kvp * got_tpa == world or (kvp is not None and tpa is not None)
+    HelixConfig(kvp=got_kvp, tpa=got_tpa).validate(8 * kv_heads, kv_heads, False)
+
+
+def test_default_layout_rejects_a_split_that_does_not_divide_the_world():
+    with pytest.raises(HelixConfigError, match=r"kvp \(3\) must divide the world size \(8\)"):
+        default_layout(8, 4, kvp=3)
 
 
 @pytest.mark.parametrize("num_q_heads, num_kv_heads, kvp, tpa", [

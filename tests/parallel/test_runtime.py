@@ -103,3 +103,12 @@ def test_demo_command_rejects_an_invalid_config():
     run = subprocess.run([sys.executable, "-m", "helix_ext", "demo", "--model", "llama", "--kvp", "2", "--tpa", "8"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "tpa (8) must be <= the number of KV heads (4)" in run.stderr
+
+
+def test_demo_command_refuses_fp4_experts_not_in_whole_blocks_before_starting_ranks():
+    # 8 ranks give each TPF slice 8 of the 64 expert columns: half an nvfp4 block. Refused by the
+    # config check (exit status 2, the constraint named), not by a rank's constructor.
+    run = subprocess.run([sys.executable, "-m", "helix_ext", "demo", "--model", "deepseek", "--experts", "nvfp4",
+                          "--kvp", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "invalid Helix config: nvfp4 experts: the FFN dim (64) is 4 blocks of 16" in run.stderr
