@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -147,7 +148,8 @@ def command_model_demo(args) -> int:
         else:
             run, context = prepare(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, verbose=False)
             start = time.perf_counter()
-            gathered = run_under_torchrun(run_model_rank, helix.world_size, (run,), backend=MODEL_BACKEND)
+            gathered = run_under_torchrun(run_model_rank, helix.world_size, (run,), backend=MODEL_BACKEND,
+                                          timeout_s=args.timeout)
             if gathered is None:  # not rank 0
                 return 0
             report = compare(run, context, gathered, time.perf_counter() - start)
@@ -164,7 +166,7 @@ def command_model_demo(args) -> int:
 def command_tiny_demo(args) -> int:
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.demo import DemoSpec, build_report, format_report, run_demo, run_rank
-    from helix_ext.parallel.launch import choose_backend, run_under_torchrun, torchrun_environment
+    from helix_ext.parallel.launch import RankSetupError, choose_backend, run_under_torchrun, torchrun_environment
     from helix_ext.parallel.models import tiny_deepseek, tiny_llama
 
     make_model = tiny_llama if args.model == "llama" else tiny_deepseek
@@ -173,22 +175,30 @@ def command_tiny_demo(args) -> int:
         kvp, tpa = layout_from_args(args, model.attention_kv_heads, default=(2, 1 if args.model == "deepseek" else 2))
         helix = HelixConfig(kvp=kvp, tpa=tpa, tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
                             hopb_chunks=args.hopb_chunks, exchange=args.exchange)
-        # float32 is the CPU's exact-arithmetic default; ranks on GPUs run bf16 (tensor cores).
-        dtype = args.dtype or ("bfloat16" if choose_backend(helix.world_size) == "nccl" else "float32")
-        model = make_model(dtype=getattr(torch, dtype), expert_format=args.experts, seed=args.seed)
         helix.validate_model(model)
     except HelixConfigError as error:
         print(f"invalid Helix config: {error}", file=sys.stderr)
         return 2
+    try:
+        launched = torchrun_environment()
+        local_ranks = helix.world_size if launched is None else int(os.environ.get("LOCAL_WORLD_SIZE", launched[1]))
+        backend = choose_backend(local_ranks, args.device)
+    except RankSetupError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
+    # float32 is the CPU's exact-arithmetic default; ranks on GPUs run bf16 (tensor cores).
+    dtype = args.dtype or ("bfloat16" if backend == "nccl" else "float32")
+    model = make_model(dtype=getattr(torch, dtype), expert_format=args.experts, seed=args.seed)
     # Different lengths per sequence, so KV ownership changes hands at different steps.
     lengths = [max(0, args.context - 9 * b) for b in range(args.batch)]
     spec = DemoSpec(model=model, helix=helix, context_lengths=lengths, steps=args.steps, seed=args.seed)
-    if torchrun_environment() is None:
-        report = run_demo(spec, timeout_s=args.timeout)
+    if launched is None:
+        report = run_demo(spec, timeout_s=args.timeout, device=args.device)
     else:
         start = time.perf_counter()
         try:
-            gathered = run_under_torchrun(run_rank, helix.world_size, (spec,))
+            gathered = run_under_torchrun(run_rank, helix.world_size, (spec,), backend=backend,
+                                          timeout_s=args.timeout)
         except ValueError as error:
             print(f"demo: {error}", file=sys.stderr)
             return 2
@@ -237,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="deepseek: MoE expert weights")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds any collective may wait")
+    demo.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
+                      help="tiny models: where ranks run (default auto: one GPU per rank when the machine has "
+                           "GPUs, else the CPU; fewer GPUs than ranks is an error unless cpu is asked for)")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=command_demo)
     kernels = commands.add_parser("kernels", help="the ops alone: an exact merge of sharded attention, timed")

@@ -1,11 +1,17 @@
 """Shared pytest setup: the `gpu` marker skips, with the reason, where no GPU or no CUDA kernel is."""
 
+import os
+
 import pytest
 import torch
 
 import helix_ext
 from helix_ext import simt
 from helix_ext._build_info import CUDA_BUILT, CUDA_SKIP_REASON
+
+# Spawned test ranks (2 to 8 per test) run on the CPU (gloo) unless a test asks for a backend:
+# a machine with fewer GPUs than ranks would otherwise refuse them (launch.choose_backend).
+os.environ.setdefault("HELIX_RANK_DEVICE", "cpu")
 
 
 def gpu_skip_reason() -> str | None:

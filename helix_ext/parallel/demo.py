@@ -93,10 +93,11 @@ def exact_arithmetic(model: ModelConfig) -> bool:
     return model.dtype == torch.float32 and model.expert_format == "dense"
 
 
-def run_demo(spec: DemoSpec, timeout_s: float = 300.0) -> dict:
-    """Spawn the ranks, run the reference, compare; returns the report."""
+def run_demo(spec: DemoSpec, timeout_s: float = 300.0, device: str | None = None) -> dict:
+    """Spawn the ranks (on GPUs or the CPU: launch.choose_backend's device), run the reference,
+    compare; returns the report."""
     started = time.perf_counter()
-    ranks = spawn(run_rank, spec.helix.world_size, (spec,), timeout_s=timeout_s)
+    ranks = spawn(run_rank, spec.helix.world_size, (spec,), timeout_s=timeout_s, device=device)
     return build_report(spec, ranks, time.perf_counter() - started)
 
 

@@ -1,6 +1,10 @@
-"""Starting ranks: spawned processes on one machine (gloo on CPU, NCCL when there are enough
-GPUs), or an existing torchrun launch. Every collective has a bounded timeout, so a rank
-that dies makes the others fail with an error instead of hanging."""
+"""Starting ranks: spawned processes on one machine, or an existing torchrun launch (one or
+several nodes). Each rank runs on the GPU of its local rank (NCCL) or on the CPU (gloo): GPUs
+when the machine has them, the CPU when it has none or when asked (device "cpu", or
+HELIX_RANK_DEVICE=cpu); fewer GPUs than local ranks is an error, not a silent fall back to the
+CPU. The device is set before the process group starts, which is told about it (device_id).
+Every collective has a bounded timeout, so a rank that dies makes the others fail with an
+error instead of hanging."""
 
 from __future__ import annotations
 
@@ -27,24 +31,65 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def choose_backend(world_size: int) -> str:
-    """NCCL when this machine has a GPU per rank, else gloo (CPU)."""
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+RANK_DEVICES = ("auto", "cuda", "cpu")
+
+
+class RankSetupError(RuntimeError):
+    """The machine cannot run the ranks as asked (e.g. fewer GPUs than ranks)."""
+
+
+def choose_backend(local_ranks: int, device: str | None = None) -> str:
+    """"nccl" (one GPU per rank on this machine) or "gloo" (the CPU) for `local_ranks` ranks.
+
+    device: "auto" (GPUs when the machine has any, else the CPU), "cuda" or "cpu"; default
+    HELIX_RANK_DEVICE, else "auto". Fewer GPUs than local ranks raises RankSetupError (unless
+    the CPU is asked for) instead of quietly running on the CPU."""
+    device = device or os.environ.get("HELIX_RANK_DEVICE", "auto")
+    if device not in RANK_DEVICES:
+        raise RankSetupError(f"device must be one of {RANK_DEVICES}, got {device!r}")
+    if device == "cpu":
+        return "gloo"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0 and device == "auto":
+        return "gloo"
+    if gpus < local_ranks:
+        raise RankSetupError(f"{local_ranks} ranks on this machine need one GPU each, but it has {gpus}; "
+                             "run fewer ranks per node, or ask for the CPU (--device cpu, HELIX_RANK_DEVICE=cpu)")
+    return "nccl"
+
+
+def local_rank(rank: int) -> int:
+    """This process's index on its machine: LOCAL_RANK under torchrun (multi-node launches
+    included), else the rank (spawned ranks all run on one machine)."""
+    return int(os.environ.get("LOCAL_RANK", rank))
 
 
 def rank_device(backend: str, rank: int) -> torch.device:
+    """The rank's device, made current: the GPU of its local rank for NCCL, else the CPU."""
     if backend == "nccl":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        index = local_rank(rank)
+        if index >= torch.cuda.device_count():
+            raise RankSetupError(f"local rank {index} has no GPU of its own ({torch.cuda.device_count()} visible)")
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
 
 
+def start_process_group(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
+    """init_process_group with the collective timeout, after the rank's device is set (NCCL:
+    device_id binds the communicator to it). The rendezvous comes from the environment."""
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = rank_device(backend, rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
 def init_process_group(rank: int, world_size: int, port: int, backend: str, timeout_s: float) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    start_process_group(backend, rank, world_size, timeout_s)
 
 
 def _worker(fn, rank, world_size, port, backend, timeout_s, args, results):
@@ -60,13 +105,13 @@ def _worker(fn, rank, world_size, port, backend, timeout_s, args, results):
 
 
 def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: str | None = None,
-          timeout_s: float = 120.0, return_errors: bool = False) -> list:
+          timeout_s: float = 120.0, return_errors: bool = False, device: str | None = None) -> list:
     """Run fn(rank, backend, *args) on world_size fresh processes; return the ranks' results.
 
     A rank that raises, or dies without a result, fails the whole run with RankFailure (or,
     with return_errors, comes back as an ("error", message) entry). Nothing waits longer than
-    the collective timeout plus a margin."""
-    backend = backend or choose_backend(world_size)
+    the collective timeout plus a margin. device: see choose_backend (ignored with a backend)."""
+    backend = backend or choose_backend(world_size, device)
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
@@ -107,15 +152,17 @@ def torchrun_environment() -> tuple[int, int] | None:
 
 
 def run_under_torchrun(fn: Callable[..., Any], world_size: int, args: tuple = (),
-                       backend: str | None = None) -> list | None:
+                       backend: str | None = None, timeout_s: float = 600.0, device: str | None = None) -> list | None:
     """Under torchrun: run fn(rank, backend, *args) on this rank and gather every rank's result
     on rank 0 (returned there as a list; None on the other ranks). The launch must have
-    started exactly world_size ranks."""
+    started exactly world_size ranks (on any number of nodes: the GPU is LOCAL_RANK's, and
+    there must be one per rank of the node, LOCAL_WORLD_SIZE); collectives time out after
+    timeout_s."""
     rank, started = torchrun_environment()
     if started != world_size:
         raise ValueError(f"torchrun started {started} ranks but kvp x tpa = {world_size}")
-    backend = backend or choose_backend(world_size)
-    dist.init_process_group(backend)
+    backend = backend or choose_backend(int(os.environ.get("LOCAL_WORLD_SIZE", started)), device)
+    start_process_group(backend, rank, world_size, timeout_s)
     try:
         result = fn(rank, backend, *args)
         gathered = [None] * world_size if rank == 0 else None

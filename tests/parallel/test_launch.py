@@ -1,0 +1,133 @@
+"""Rank set-up (helix_ext.parallel.launch) without GPUs: the backend choice, the device of a
+rank, and the order and arguments of the process-group start, with torch's CUDA and
+distributed entry points replaced by recorders."""
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helix_ext.parallel import launch
+
+
+def fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize("gpus, ranks, device, expected", [
+    (0, 4, None, "gloo"), (0, 4, "cpu", "gloo"), (8, 8, None, "nccl"), (8, 4, "cuda", "nccl"),
+    (1, 4, "cpu", "gloo"), (1, 1, None, "nccl"),
+])
+def test_backend_choice(monkeypatch, gpus, ranks, device, expected):
+    monkeypatch.delenv("HELIX_RANK_DEVICE", raising=False)
+    fake_gpus(monkeypatch, gpus)
+    assert launch.choose_backend(ranks, device) == expected
+
+
+@pytest.mark.parametrize("gpus, device", [(1, None), (4, "auto"), (0, "cuda")])
+def test_fewer_gpus_than_ranks_is_an_error_not_a_cpu_fallback(monkeypatch, gpus, device):
+    monkeypatch.delenv("HELIX_RANK_DEVICE", raising=False)
+    fake_gpus(monkeypatch, gpus)
+    with pytest.raises(launch.RankSetupError, match=rf"8 ranks on this machine need one GPU each, but it has {gpus}"):
+        launch.choose_backend(8, device)
+
+
+def test_the_environment_can_ask_for_the_cpu(monkeypatch):
+    fake_gpus(monkeypatch, 1)
+    monkeypatch.setenv("HELIX_RANK_DEVICE", "cpu")
+    assert launch.choose_backend(8) == "gloo"
+
+
+class Recorder:
+    def __init__(self, monkeypatch, gpus=8):
+        self.calls = []
+        fake_gpus(monkeypatch, gpus)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: self.calls.append(("set_device", device)))
+        monkeypatch.setattr(dist, "init_process_group",
+                            lambda backend, **kwargs: self.calls.append(("init_process_group", backend, kwargs)))
+        monkeypatch.setattr(dist, "gather_object", lambda obj, gathered, dst: gathered.__setitem__(0, obj)
+                            if gathered is not None else None)
+        monkeypatch.setattr(dist, "destroy_process_group", lambda: self.calls.append(("destroy",)))
+
+
+def test_torchrun_rank_uses_local_rank_sets_the_device_first_and_honours_the_timeout(monkeypatch):
+    # Rank 13 of a 16-rank, two-node launch is local rank 5 of its node: GPU 5 (not 13 % 8 by
+    # accident of the count), made current before the process group starts, which gets it as
+    # device_id and the user's timeout.
+    recorder = Recorder(monkeypatch)
+    monkeypatch.setenv("RANK", "13")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.delenv("HELIX_RANK_DEVICE", raising=False)
+    seen = []
+    launch.run_under_torchrun(lambda rank, backend: seen.append((rank, backend)), 16, timeout_s=1234.0)
+    assert seen == [(13, "nccl")]
+    assert recorder.calls[0] == ("set_device", torch.device("cuda", 5))
+    name, backend, kwargs = recorder.calls[1]
+    assert name == "init_process_group" and backend == "nccl"
+    assert kwargs["device_id"] == torch.device("cuda", 5) and kwargs["rank"] == 13 and kwargs["world_size"] == 16
+    assert kwargs["timeout"] == datetime.timedelta(seconds=1234.0)
+
+
+def test_torchrun_on_the_cpu_gets_the_timeout_too(monkeypatch):
+    recorder = Recorder(monkeypatch, gpus=0)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    launch.run_under_torchrun(lambda rank, backend: None, 2, timeout_s=77.0)
+    name, backend, kwargs = recorder.calls[0]
+    assert (name, backend) == ("init_process_group", "gloo") and "device_id" not in kwargs
+    assert kwargs["timeout"] == datetime.timedelta(seconds=77.0)
+
+
+def test_a_local_rank_without_a_gpu_is_an_error(monkeypatch):
+    Recorder(monkeypatch, gpus=2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(launch.RankSetupError, match=r"local rank 3 has no GPU of its own \(2 visible\)"):
+        launch.rank_device("nccl", 3)
+
+
+class FakeEvent:
+    clock = 0.0
+    log = []
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.time = None
+
+    def record(self, stream=None):
+        FakeEvent.clock += 1.0
+        self.time = FakeEvent.clock
+        FakeEvent.log.append("record")
+
+    def synchronize(self):
+        FakeEvent.log.append("event sync")
+
+    def elapsed_time(self, end):
+        return (end.time - self.time) * 1000.0  # milliseconds
+
+
+def test_gpu_phase_timers_record_events_and_never_synchronize_inside_a_step(monkeypatch):
+    # On GPUs a phase is timed by CUDA events on the stream; torch.cuda.synchronize inside a
+    # step would serialize HOP-B's chunks. The events are read only when the times are.
+    from helix_ext.parallel.decoder import PhaseTimers
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("a device-wide synchronize inside a step")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    FakeEvent.clock, FakeEvent.log = 0.0, []
+    timers = PhaseTimers(torch.device("cuda", 0))
+    for _ in range(3):
+        with timers.phase("attention"):
+            FakeEvent.clock += 2.0
+        with timers.phase("exchange"):
+            FakeEvent.clock += 0.5
+    assert "event sync" not in FakeEvent.log and FakeEvent.log.count("record") == 12
+    seconds = timers.seconds
+    assert seconds == pytest.approx({"attention": 3 * 3.0, "exchange": 3 * 1.5})
+    assert timers.seconds == seconds  # read once; a second read adds nothing
