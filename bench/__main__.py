@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 peer_name, peer_median = label, candidate
         entry = {
             "op": case.op, "shape": case.shape, "median_us": round(median, 2),
-            "achieved_gbs": round(achieved, 1), "fraction_of_copy_bw": round(achieved / copy_gbs, 3),
+            # Four significant digits: small CPU shapes move well under 0.1 GB/s, and a fixed
+            # number of decimals would record them as 0.
+            "achieved_gbs": float(f"{achieved:.4g}"), "fraction_of_copy_bw": float(f"{achieved / copy_gbs:.4g}"),
             "peer": peer_name,
             "peer_median_us": round(peer_median, 2) if peer_median else None,
             "speedup_vs_peer": round(peer_median / median, 2) if peer_median else None,
