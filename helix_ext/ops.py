@@ -199,9 +199,37 @@ def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
             raise RuntimeError("flash_decode: v_scale is required when v_cache is float8_e4m3fn")
     _check_scale(k_scale, "k_scale")
     _check_scale(v_scale, "v_scale")
+    if q.device.type == "cuda":
+        _check_flash_decode_cuda(q, k_cache, v_cache, head_dim_k, dim_v, num_splits)
     out = q.new_empty((batch, num_q_heads, dim_v))
     lse = q.new_empty((batch, num_q_heads), dtype=torch.float32)
     return out, lse
+
+
+_FLASH_DECODE_MAX_SPLITS = 4096  # csrc/cuda/flash_decode_launch.h: kMaxSplits
+
+
+def _check_flash_decode_cuda(q, k_cache, v_cache, head_dim_k, dim_v, num_splits):
+    """What the CUDA launcher checks beyond the shared argument checks (csrc/cuda/flash_decode_launch.h),
+    so that fake CUDA tensors (torch.compile, the runtime's GPU dry run) fail where a GPU would."""
+    if q.dtype == torch.float32:
+        raise RuntimeError("flash_decode: the CUDA kernel takes bfloat16 or float16 q and caches (tensor cores); "
+                           "float32 runs on the CPU only")
+    mla = v_cache is None
+    if (head_dim_k, dim_v) not in CUDA_FLASH_DECODE_HEAD_DIMS or mla != ((head_dim_k, dim_v) == (576, 512)):
+        raise RuntimeError("flash_decode: the CUDA kernel supports (Dk, Dv) = (64, 64), (128, 128), (256, 256) with "
+                           f"a v_cache and (576, 512) with v_cache=None (MLA); got ({head_dim_k}, {dim_v}) with "
+                           f"{'v_cache=None' if mla else 'a v_cache'} (the CPU kernel takes any head dims)")
+    if num_splits > _FLASH_DECODE_MAX_SPLITS:
+        raise RuntimeError(f"flash_decode: num_splits must be at most {_FLASH_DECODE_MAX_SPLITS}, got {num_splits}")
+    for tensor, name, dims in ((q, "q", (0, 1)), (k_cache, "k_cache", (0, 1, 2)), (v_cache, "v_cache", (0, 1, 2))):
+        if tensor is None:
+            continue
+        element = tensor.element_size()
+        offsets = [tensor.storage_offset()] + [tensor.stride(d) for d in dims]
+        if any((offset * element) % 16 for offset in offsets):
+            raise RuntimeError(f"flash_decode: the CUDA kernel reads {name} in 16-byte rows: its data pointer and its "
+                               f"strides {list(tensor.stride())} (except the last) must be multiples of 16 bytes")
 
 
 _FP4_BLOCK = {"nvfp4": 16, "mxfp4": 32}

@@ -25,12 +25,14 @@ import torch.distributed as dist
 from helix_ext.moe import moe_ffn
 from helix_ext.ops import flash_decode
 from helix_ext.parallel.config import HelixConfig, RankLayout
+from helix_ext.parallel.device import runtime
 from helix_ext.parallel.exchange import make_exchange
 from helix_ext.parallel.experts import local_experts, route
 from helix_ext.parallel.ffn import DenseFfn, ffn_granule
 from helix_ext.parallel.kv_cache import HelixKVCache
+from helix_ext.parallel.config import even_split, split_offsets
 from helix_ext.parallel.models import (ModelConfig, apply_rope, context_block, make_weights, mla_query_and_entry,
-                                       rms_norm, swiglu)
+                                       rms_norm, rope_inverse_frequencies, swiglu)
 
 
 class HelixGroups:
@@ -58,7 +60,7 @@ class PhaseTimers:
     @contextmanager
     def phase(self, name: str):
         if self.device.type == "cuda":
-            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_event, end_event = runtime().new_event(timing=True), runtime().new_event(timing=True)
             start_event.record()
             try:
                 yield
@@ -121,6 +123,8 @@ class HelixDecoder:
             return keys[:, kv.start:kv.stop], None if values is None else values[:, kv.start:kv.stop]
 
         self.cache.load_context(context_lengths, local_block)
+        rope_dim = model.qk_rope_head_dim if model.mla else model.head_dim
+        self.rope_inverse = rope_inverse_frequencies(rope_dim, model.rope_theta).to(device)  # set-up: copied once
         self.exchange = make_exchange(config.exchange, self.layout.exchange_head_counts(), self.layout.kvp_index,
                                       groups.kvp, max_batch=len(context_lengths), head_dim=dim_v, dtype=model.dtype,
                                       device=device, max_chunks=config.hopb_chunks, timeout_s=config.exchange_timeout_s)
@@ -168,11 +172,11 @@ class HelixDecoder:
         """(queries [B, Hq_local, Dk], keys [B, Hkv_local, Dk], values or None) of the new token."""
         m, w, p = self.model, self.w, f"layers.{layer}."
         if m.mla:
-            query, entry = mla_query_and_entry(m, w, p, h, positions, range(m.num_q_heads))
+            query, entry = mla_query_and_entry(m, w, p, h, positions, range(m.num_q_heads), self.rope_inverse)
             return query, entry, None
         d = m.head_dim
-        q = apply_rope((h @ w[p + "wq"].T).view(h.shape[0], -1, d), positions, m.rope_theta)
-        k = apply_rope((h @ w[p + "wk"].T).view(h.shape[0], -1, d), positions, m.rope_theta)
+        q = apply_rope((h @ w[p + "wq"].T).view(h.shape[0], -1, d), positions, m.rope_theta, self.rope_inverse)
+        k = apply_rope((h @ w[p + "wk"].T).view(h.shape[0], -1, d), positions, m.rope_theta, self.rope_inverse)
         v = (h @ w[p + "wv"].T).view(h.shape[0], -1, d)
         return q, k, v
 
@@ -183,11 +187,12 @@ class HelixDecoder:
             q, k, v = self._qkv(layer, h, positions)
             cache.write(layer, slots, k, v)
         dim_v = m.cache_head_dims[1]
-        chunks = [c for c in torch.arange(x.shape[0]).tensor_split(self.config.hopb_chunks) if len(c)]
+        # HOP-B chunks of the batch (host ints: the first ones one row larger, empty ones dropped).
+        sizes = [s for s in even_split(x.shape[0], self.config.hopb_chunks) if s]
         handles, merged = [], []
         self.exchange.begin_layer()
-        for c, rows in enumerate(chunks):
-            b0, b1 = int(rows[0]), int(rows[-1]) + 1
+        for b0, size in zip(split_offsets(sizes), sizes):
+            b1 = b0 + size
             with self.timers.phase("attention"):
                 out, lse = flash_decode(q[b0:b1].contiguous(), cache.keys[layer],
                                         None if m.mla else cache.values[layer], cache.block_table[b0:b1],
@@ -226,12 +231,12 @@ class HelixDecoder:
     def step(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """Decode one token per sequence (tokens [B] at positions[b]): logits [B, vocab] fp32."""
         m, w = self.model, self.w
-        slots = self.cache.begin_step(positions)
-        position_tensor = torch.tensor(positions, device=self.device)
-        x = w["embed"][tokens.to(self.device)]
+        slots = self.cache.begin_step(positions)  # positions: host ints for bookkeeping only
+        x = w["embed"][tokens.to(self.device)]  # tokens already on the device: no copy
         for layer in range(m.num_layers):
-            x = x + self._attention(layer, x, position_tensor, slots)
+            x = x + self._attention(layer, x, self.cache.positions, slots)
             x = x + self._ffn(layer, x)
         logits = (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
+        self.cache.end_step()
         self.exchange.end_step()  # the step's only look at the exchange's device-side error flag
         return logits

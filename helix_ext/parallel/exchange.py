@@ -79,7 +79,7 @@ class CollectiveExchange:
         if heads == 0:  # more KVP ranks than heads: this one merges none (it only sent)
             return (torch.empty(self.kvp, batch, 0, head_dim, dtype=dtype, device=payload.device),
                     torch.empty(self.kvp, batch, 0, dtype=torch.float32, device=payload.device))
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         out_bytes, lse_bytes = batch * heads * head_dim * element, batch * heads * 4
         chunks = payload.view(self.kvp, out_bytes + lse_bytes)
         parts_out = chunks[:, :out_bytes].contiguous().view(dtype).view(self.kvp, batch, heads, head_dim)

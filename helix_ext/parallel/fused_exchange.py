@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from helix_ext.parallel.config import split_offsets
+from helix_ext.parallel.device import runtime
 
 _FLAG_BYTES = 256
 
@@ -44,7 +45,7 @@ class FusedExchange:
         self.group, self.kvp_index, self.head_counts = group, kvp_index, head_counts
         self.max_rows, self.head_dim, self.dtype, self.device = max_batch, head_dim, dtype, device
         self.max_chunks, self.timeout_s = max_chunks, timeout_s
-        self.element = torch.empty((), dtype=dtype).element_size()
+        self.element = dtype.itemsize
         # Byte offsets of (slot, destination) regions; out then lse, each 16-byte aligned.
         self.region_bytes = [self._aligned(max_batch * h * head_dim * self.element) + self._aligned(max_batch * h * 4)
                              for h in head_counts]
@@ -60,7 +61,7 @@ class FusedExchange:
         self.bytes_sent = 0  # bytes peers read from this rank's buffer
         self.error_checks = 0  # host reads of the error flag: one per decode step
         self._slot = 0
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = runtime().new_stream(device) if device.type == "cuda" else None
 
     @staticmethod
     def _aligned(nbytes: int) -> int:
@@ -132,7 +133,7 @@ class FusedExchange:
         torch.ops.helix.hopb_signal(self._flags(self.kvp_index), self.epoch, slot)
         event = None
         if self._stream is not None:
-            event = torch.cuda.Event()
+            event = runtime().new_event()
             event.record()
         return slot, rows, event
 
@@ -144,19 +145,19 @@ class FusedExchange:
         arguments = ([v[0] for v in views], [v[1] for v in views], flags, self.epoch, slot, self.timeout_s, self.error)
         if self._stream is None:
             return torch.ops.helix.hopb_combine(*arguments)
-        compute = torch.cuda.current_stream(self.device)
+        compute = runtime().current_stream(self.device)
         self._stream.wait_event(event)
-        with torch.cuda.stream(self._stream):
+        with runtime().use_stream(self._stream):
             out, lse = torch.ops.helix.hopb_combine(*arguments)
         compute.wait_stream(self._stream)
-        out.record_stream(compute)
-        lse.record_stream(compute)
+        runtime().record_stream(out, compute)
+        runtime().record_stream(lse, compute)
         return out, lse
 
     def end_step(self) -> None:
         """After a decode step: raise if any of its combines timed out (one device sync on GPUs,
         where the step's results are read anyway; none while a CUDA graph is captured)."""
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if self.device.type == "cuda" and runtime().capturing():
             return
         self.check()
 

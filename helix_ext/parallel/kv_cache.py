@@ -7,13 +7,31 @@ takes over. Local blocks are full except a sequence's last one, so the shard is 
 paged cache for flash_decode, and ranks never differ by more than one block per sequence. A
 rank may hold no token of a sequence (a short sequence, or early decode): flash_decode then
 returns lse = -inf for it, which merge_states treats as absent.
+
+A decode step touches the host only for bookkeeping in Python ints (ownership, capacity
+checks, tokens held): every block a sequence will ever need is assigned at construction, so
+the block table is static on the device, and a step's slots, lengths and positions are
+computed there (a token this rank does not own is written to a spare "trash" block that no
+table row points at). No host <-> device copy, no host sync.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class StepSlots:
+    """Where this step's new tokens go: host list of the sequences this rank owns a token of,
+    and on the device, per sequence, the physical block (the trash block when not owned) and
+    the offset in it."""
+
+    sequences: list[int]
+    physical: torch.Tensor  # [B] int64
+    offset: torch.Tensor    # [B] int64
 
 
 class HelixKVCache:
@@ -25,18 +43,27 @@ class HelixKVCache:
         self.batch = batch
         local_blocks = [self._local_blocks_needed(tokens) for tokens in capacity_tokens]
         self.max_blocks = max(local_blocks + [1])
-        num_blocks = max(sum(local_blocks), 1)
+        # Every local block of every sequence, assigned once; the last physical block is the trash.
+        self._table = []  # host copy: physical block of each local block
+        for count in local_blocks:
+            start = sum(len(t) for t in self._table)
+            self._table.append(list(range(start, start + count)))
+        self.trash_block = sum(local_blocks)
+        num_blocks = self.trash_block + 1
         self.keys = [torch.zeros(num_blocks, block_size, num_kv_heads, head_dim_k, dtype=dtype, device=device)
                      for _ in range(num_layers)]
         self.values = None if head_dim_v is None else [
             torch.zeros(num_blocks, block_size, num_kv_heads, head_dim_v, dtype=dtype, device=device)
             for _ in range(num_layers)]
         # Unused table entries point at block 0; flash_decode never reads past seq_lens.
-        self._table = [[] for _ in range(batch)]  # host copy: physical block of each local block
+        table = torch.zeros(batch, self.max_blocks, dtype=torch.int32)
+        for b, blocks in enumerate(self._table):
+            table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.block_table = table.to(device)
         self._lengths = [0] * batch               # host copy: tokens held per sequence
-        self._next_free = 0
-        self.block_table = torch.zeros(batch, self.max_blocks, dtype=torch.int32, device=device)
+        self._next_positions: list[int] | None = None  # host copy: the next step's positions
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=device)  # this step's positions
 
     def _local_blocks_needed(self, tokens: int) -> int:
         global_blocks = math.ceil(tokens / self.block_size)
@@ -50,17 +77,11 @@ class HelixKVCache:
         return self.owner(position) == self.kvp_index
 
     def _slot(self, sequence: int, position: int) -> tuple[int, int]:
-        """(physical block, offset) of an owned position, allocating its block when it starts."""
+        """(physical block, offset) of an owned position (host bookkeeping)."""
         local_block = (position // self.block_size) // self.kvp
         table = self._table[sequence]
-        allocating = local_block == len(table)
-        if local_block > len(table) or local_block >= self.max_blocks or (
-                allocating and self._next_free >= self.keys[0].shape[0]):
+        if local_block >= len(table):
             raise RuntimeError(f"HelixKVCache: sequence {sequence} outgrew its capacity at position {position}")
-        if allocating:
-            table.append(self._next_free)
-            self.block_table[sequence, local_block] = self._next_free
-            self._next_free += 1
         return table[local_block], position % self.block_size
 
     def tokens_held(self) -> list[int]:
@@ -80,24 +101,39 @@ class HelixKVCache:
                         self.values[layer][physical, :count] = values.to(self.values[layer].dtype)
                 self._lengths[b] += count
         self.seq_lens.copy_(torch.tensor(self._lengths, dtype=torch.int32))
+        # Decoding starts at the first position after each context (set-up: copied once).
+        self._next_positions = list(lengths)
+        self.positions.copy_(torch.tensor(lengths, dtype=torch.int64))
 
-    def begin_step(self, positions: list[int]) -> list[tuple[int, int, int]]:
-        """Reserve the slots of this step's tokens that this rank owns: [(sequence, block, offset)].
-        The new tokens count as held from here on (each attends to itself)."""
-        slots = []
+    def begin_step(self, positions: list[int]) -> StepSlots:
+        """The slots of this step's tokens (one per sequence, at `positions`, which must follow
+        the previous step's); the tokens this rank owns count as held from here on (each attends
+        to itself). Host work is bookkeeping in ints; the device tensors are updated on the device."""
+        if self._next_positions is not None and list(positions) != self._next_positions:
+            raise ValueError(f"HelixKVCache: a step must decode the positions after the previous ones "
+                             f"({self._next_positions}), got {list(positions)}")
+        sequences = []
         for b, position in enumerate(positions):
             if self.owns(position):
-                physical, offset = self._slot(b, position)
-                slots.append((b, physical, offset))
+                self._slot(b, position)  # the capacity check
+                sequences.append(b)
                 self._lengths[b] += 1
-        if slots:
-            self.seq_lens.copy_(torch.tensor(self._lengths, dtype=torch.int32))
-        return slots
+        self._next_positions = [p + 1 for p in positions]
+        blocks = torch.div(self.positions, self.block_size, rounding_mode="floor")
+        owned = torch.remainder(blocks, self.kvp) == self.kvp_index
+        self.seq_lens += owned.to(torch.int32)
+        local = torch.div(blocks, self.kvp, rounding_mode="floor").clamp(max=self.max_blocks - 1)
+        mapped = self.block_table.gather(1, local.unsqueeze(1)).squeeze(1).to(torch.int64)
+        physical = torch.where(owned, mapped, torch.full_like(mapped, self.trash_block))
+        return StepSlots(sequences, physical, torch.remainder(self.positions, self.block_size))
 
-    def write(self, layer: int, slots: list[tuple[int, int, int]], keys: torch.Tensor,
-              values: torch.Tensor | None) -> None:
-        """Store this step's entries (keys [B, H, Dk], values [B, H, Dv]) of the owned slots."""
-        for b, physical, offset in slots:
-            self.keys[layer][physical, offset] = keys[b]
-            if self.values is not None:
-                self.values[layer][physical, offset] = values[b]
+    def end_step(self) -> None:
+        """After the step's layers: the next step decodes the next positions."""
+        self.positions += 1
+
+    def write(self, layer: int, slots: StepSlots, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+        """Store this step's entries (keys [B, H, Dk], values [B, H, Dv]): owned tokens in their
+        slots, the others in the trash block (one indexed write per tensor, no host loop)."""
+        self.keys[layer][slots.physical, slots.offset] = keys.to(self.keys[layer].dtype)
+        if self.values is not None:
+            self.values[layer][slots.physical, slots.offset] = values.to(self.values[layer].dtype)

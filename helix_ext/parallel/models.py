@@ -153,15 +153,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+def rope_inverse_frequencies(d: int, theta: float) -> torch.Tensor:
+    """``1 / theta ** (2i / d)`` in float32 on the CPU, as transformers computes them."""
+    return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
+               inverse: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding (rotate-half) of x [B, heads, d] at positions [B].
 
     The arithmetic is Hugging Face transformers' Llama rotary embedding, step for step in
     float32 (inverse frequencies ``1 / theta ** (2i / d)``, angles ``position * inv_freq``,
     cos/sin of those), so a real model decodes with the very bits transformers uses: at
-    position 4000 a float64 angle already differs from the float32 one by ~1e-4 rad."""
+    position 4000 a float64 angle already differs from the float32 one by ~1e-4 rad.
+    ``inverse``: the inverse frequencies already on x's device (rope_inverse_frequencies,
+    copied once), so a decode step builds nothing on the host."""
     d = x.shape[-1]
-    inverse = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+    if inverse is None:
+        inverse = rope_inverse_frequencies(d, theta)
     angles = positions.to(device=x.device, dtype=torch.float32).unsqueeze(-1) * inverse.to(x.device)  # [B, d/2]
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
     cos, sin = angles.cos(), angles.sin()
@@ -175,17 +184,17 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
 
 
 def mla_query_and_entry(config: ModelConfig, w: dict, p: str, h: torch.Tensor, positions: torch.Tensor,
-                        heads: range) -> tuple[torch.Tensor, torch.Tensor]:
+                        heads: range, rope_inverse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA for query heads `heads`: the flash_decode query [B, heads, Dk] and this
     token's cache entry [B, 1, Dk] = [normalized latent | rotary key]."""
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
     wq = w[p + "wq"].view(config.num_q_heads, qk, -1)[heads.start:heads.stop]
     q = torch.einsum("bh,nqh->bnq", h, wq)
     q_nope, q_rope = q[..., :config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
-    q_rope = apply_rope(q_rope, positions, config.rope_theta)
+    q_rope = apply_rope(q_rope, positions, config.rope_theta, rope_inverse)
     q_latent = torch.einsum("bnd,ndc->bnc", q_nope, w[p + "w_uk"][heads.start:heads.stop])
     latent = rms_norm(h @ w[p + "w_dkv"].T, w[p + "kv_norm"], config.rms_eps)
-    rope_key = apply_rope((h @ w[p + "w_kr"].T).unsqueeze(1), positions, config.rope_theta)
+    rope_key = apply_rope((h @ w[p + "w_kr"].T).unsqueeze(1), positions, config.rope_theta, rope_inverse)
     return torch.cat([q_latent, q_rope], dim=-1), torch.cat([latent.unsqueeze(1), rope_key], dim=-1)
 
 

@@ -119,7 +119,7 @@ def test_gpu_phase_timers_record_events_and_never_synchronize_inside_a_step(monk
         raise AssertionError("a device-wide synchronize inside a step")
 
     monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)  # what the device layer's CudaRuntime makes
     FakeEvent.clock, FakeEvent.log = 0.0, []
     timers = PhaseTimers(torch.device("cuda", 0))
     for _ in range(3):

@@ -114,13 +114,20 @@ def test_round_robin_deal_and_appends_stay_balanced(kvp):
         owners = [caches[0].owner(p) for p in positions]
         for rank, cache in enumerate(caches):
             slots = cache.begin_step(positions)
-            assert [b for b, _, _ in slots] == [b for b, o in enumerate(owners) if o == rank]
+            assert slots.sequences == [b for b, o in enumerate(owners) if o == rank]
+            # The device slots: owned tokens at their (block, offset), the rest in the trash block.
+            for b, position in enumerate(positions):
+                expected = cache._slot(b, position) if b in slots.sequences else (cache.trash_block,
+                                                                                   position % block)
+                assert (slots.physical[b].item(), slots.offset[b].item()) == expected
+            cache.end_step()
         positions = [p + 1 for p in positions]
         held = torch.tensor([c.tokens_held() for c in caches])  # [rank, sequence]
         assert torch.all(held.sum(0) == torch.tensor(positions))  # every token held exactly once
         assert torch.all(held.max(0).values - held.min(0).values <= block)  # at most one block apart
         for cache in caches:  # the device copies follow the host bookkeeping
             assert cache.seq_lens.tolist() == cache.tokens_held()
+            assert cache.positions.tolist() == positions
     # The context entries went to the owners of their blocks, at the right offsets.
     for rank, cache in enumerate(caches):
         for sequence, length in enumerate(lengths):
@@ -139,5 +146,24 @@ def test_owner_follows_blocks_of_tokens_per_block():
 def test_capacity_is_enforced():
     cache = make_cache(2, 0, [4], 0, block=4)
     cache.load_context([4], lambda layer, s, b: (torch.zeros(4, 2, 8), torch.zeros(4, 2, 8)))
+    for position in range(4, 8):  # block 1 is rank 1's
+        cache.begin_step([position])
+        cache.end_step()
     with pytest.raises(RuntimeError, match="outgrew its capacity"):
         cache.begin_step([8])  # block 2 belongs to rank 0 but was never provisioned
+
+
+def test_a_step_must_follow_the_previous_one():
+    # Positions live on the device and advance there; the host's list must agree with them.
+    lengths = [4, 9]
+    cache = make_cache(2, 0, lengths, 4, block=4)
+
+    def make_block(layer, sequence, block):
+        count = min(4, lengths[sequence] - 4 * block)
+        return torch.zeros(count, 2, 8), torch.zeros(count, 2, 8)
+
+    cache.load_context(lengths, make_block)
+    cache.begin_step([4, 9])
+    cache.end_step()
+    with pytest.raises(ValueError, match=r"must decode the positions after the previous ones \(\[5, 10\]\)"):
+        cache.begin_step([4, 9])

@@ -1,0 +1,111 @@
+"""The few device-runtime calls the decode step makes, behind one small layer.
+
+Streams, events and the graph-capture state are all the runtime asks of the CUDA runtime
+directly (kernels and collectives go through torch ops). They go through `runtime()`: torch.cuda
+on a machine with GPUs, and in the GPU dry run (helix_ext.parallel.dry_run), which has fake CUDA
+tensors but no GPU, an inert stand-in that records what was asked. CPU ranks never call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+
+
+class CudaRuntime:
+    """torch.cuda's streams and events."""
+
+    def new_stream(self, device: torch.device):
+        return torch.cuda.Stream(device)
+
+    def new_event(self, timing: bool = False):
+        return torch.cuda.Event(enable_timing=timing)
+
+    def current_stream(self, device: torch.device):
+        return torch.cuda.current_stream(device)
+
+    def use_stream(self, stream):
+        return torch.cuda.stream(stream)
+
+    def capturing(self) -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
+    def record_stream(self, tensor: torch.Tensor, stream) -> None:
+        tensor.record_stream(stream)
+
+
+class _InertEvent:
+    def __init__(self, calls: Counter):
+        self._calls = calls
+
+    def record(self, stream=None):
+        self._calls["event.record"] += 1
+
+    def wait(self, stream=None):
+        self._calls["event.wait"] += 1
+
+    def synchronize(self):
+        self._calls["event.synchronize"] += 1
+
+    def elapsed_time(self, end) -> float:
+        return 0.0
+
+
+class _InertStream:
+    def __init__(self, calls: Counter):
+        self._calls = calls
+
+    def wait_event(self, event):
+        self._calls["stream.wait_event"] += 1
+
+    def wait_stream(self, stream):
+        self._calls["stream.wait_stream"] += 1
+
+
+class DryRuntime:
+    """The dry run's stand-in: streams and events that do nothing but count their uses (no GPU
+    is there to run them); `calls` tells a test what the step asked for."""
+
+    def __init__(self):
+        self.calls: Counter = Counter()
+
+    def new_stream(self, device: torch.device):
+        self.calls["new_stream"] += 1
+        return _InertStream(self.calls)
+
+    def new_event(self, timing: bool = False):
+        self.calls["new_event"] += 1
+        return _InertEvent(self.calls)
+
+    def current_stream(self, device: torch.device):
+        return _InertStream(self.calls)
+
+    def use_stream(self, stream):
+        self.calls["use_stream"] += 1
+        return contextlib.nullcontext()
+
+    def capturing(self) -> bool:
+        return False
+
+    def record_stream(self, tensor: torch.Tensor, stream) -> None:
+        self.calls["record_stream"] += 1
+
+
+_CURRENT: list = [CudaRuntime()]
+
+
+def runtime():
+    """The device layer in use: torch.cuda, unless a dry run stands in for it."""
+    return _CURRENT[-1]
+
+
+@contextlib.contextmanager
+def use_runtime(layer):
+    """Use `layer` (e.g. a DryRuntime) for streams and events inside the block."""
+    _CURRENT.append(layer)
+    try:
+        yield layer
+    finally:
+        _CURRENT.pop()

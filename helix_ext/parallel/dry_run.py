@@ -1,0 +1,117 @@
+"""The GPU dry run: the runtime's GPU path, checked on a machine without a GPU.
+
+Every rank's view in turn, in this process: a fake process group (torch's, for tests: its
+collectives do nothing), fake CUDA tensors (FakeTensorMode: shapes, dtypes and devices, no
+data), the device layer's inert stand-in for streams and events, and HelixDecoder decoding a
+few steps. It proves what can be proven without data:
+- no host sync inside a step: reading a fake tensor's value (`.item()`, `.tolist()`, `int(t)`,
+  a data-dependent shape) raises, and so does a copy between the host and the device;
+- every tensor a step makes lives on the rank's GPU (none on the CPU, none on another GPU);
+- every op's CUDA constraints hold: on CUDA tensors the fake kernels check what the CUDA
+  kernels check (helix_ext.ops), so a head dim or dtype the CUDA kernel lacks fails here.
+Building the decoder (weights, the context's KV) may copy from the host: that is set-up, not a
+step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helix_ext.parallel.config import HelixConfig
+from helix_ext.parallel.device import DryRuntime, use_runtime
+
+
+class DryRunViolation(AssertionError):
+    """The step did something the GPU path must not (a host sync, a tensor off the rank's GPU)."""
+
+
+class StepChecker(TorchDispatchMode):
+    """While armed, every op's tensors must be on `device`; host <-> device copies are refused."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+        self.armed = False
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.armed and func is torch.ops.aten._local_scalar_dense.default:
+            raise DryRunViolation("a host read of a device value (.item(), float(), int(), .tolist(), a Python "
+                                  "branch on a tensor) inside a decode step: a host sync on a GPU")
+        result = func(*args, **kwargs)
+        if self.armed:
+            self.ops += 1
+            self._check(func, args, kwargs, result)
+        return result
+
+    def _check(self, func, args, kwargs, result) -> None:
+        def tensors(value):
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    yield from tensors(item)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    yield from tensors(item)
+
+        inputs = list(tensors(args)) + list(tensors(kwargs))
+        outputs = list(tensors(result))
+        for tensor in inputs + outputs:
+            if tensor.device != self.device and tensor.dim() > 0:
+                role = "an output" if any(tensor is out for out in outputs) else "an input"
+                raise DryRunViolation(f"{func} has {role} on {tensor.device} inside a decode step (rank device "
+                                      f"{self.device}): a host <-> device copy or a tensor off the GPU")
+            if tensor.device != self.device and any(tensor is out for out in outputs):
+                raise DryRunViolation(f"{func} makes a {tensor.device} scalar inside a decode step")
+
+
+@dataclass
+class DryRunReport:
+    rank: int
+    steps: int
+    ops_per_step: float
+    device_calls: dict = field(default_factory=dict)
+
+
+def dry_run_rank(model, helix: HelixConfig, rank: int, context_lengths: list[int], steps: int = 2,
+                 device: torch.device | None = None) -> DryRunReport:
+    """Rank `rank`'s decoder on fake CUDA tensors over a fake process group: build it, then run
+    `steps` decode steps under StepChecker. Raises DryRunViolation (or the op's own error) on
+    the first thing the GPU path must not do."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from helix_ext.parallel.decoder import HelixDecoder, HelixGroups
+
+    device = device or torch.device("cuda", 0)
+    helix.validate_model(model)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=helix.world_size)
+    try:
+        layer = DryRuntime()
+        checker = StepChecker(device)
+        with FakeTensorMode(allow_non_fake_inputs=True), use_runtime(layer), checker:
+            groups = HelixGroups(helix, rank)
+            decoder = HelixDecoder(model, helix, rank, groups, context_lengths, steps, device)
+            tokens = torch.zeros(len(context_lengths), dtype=torch.int64, device=device)
+            positions = list(context_lengths)
+            checker.armed = True
+            for _ in range(steps):
+                logits = decoder.step(tokens, positions)
+                tokens = logits.argmax(dim=-1)  # stays on the device: the next step's input
+                positions = [p + 1 for p in positions]
+            checker.armed = False
+        return DryRunReport(rank=rank, steps=steps, ops_per_step=checker.ops / max(1, steps),
+                            device_calls=dict(layer.calls))
+    finally:
+        dist.destroy_process_group()
+
+
+def dry_run(model, helix: HelixConfig, context_lengths: list[int], steps: int = 2) -> list[DryRunReport]:
+    """Every rank's view of the GPU path, one after another (see dry_run_rank)."""
+    return [dry_run_rank(model, helix, rank, context_lengths, steps) for rank in range(helix.world_size)]

@@ -1,0 +1,69 @@
+"""The GPU dry run (helix_ext.parallel.dry_run): each model's decode step on fake CUDA tensors
+over a fake process group, every rank's view in turn, on a machine without a GPU. It must
+finish with no host sync, every tensor on the rank's GPU, and every op's CUDA constraints met;
+and it must catch each of those when broken."""
+
+import pytest
+import torch
+
+from helix_ext.parallel.config import HelixConfig
+from helix_ext.parallel.decoder import HelixDecoder
+from helix_ext.parallel.dry_run import DryRunViolation, dry_run, dry_run_rank
+from helix_ext.parallel.models import tiny_deepseek, tiny_llama
+
+LENGTHS = [37, 20, 5, 0]
+
+
+@pytest.mark.parametrize("model, helix", [
+    (tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4, hopb_chunks=1)),
+    (tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4, hopb_chunks=3)),
+    (tiny_deepseek(dtype=torch.bfloat16, expert_format="nvfp4"),
+     HelixConfig(kvp=4, tpa=1, tpf=2, ep=2, tokens_per_block=4, hopb_chunks=2)),
+    (tiny_deepseek(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=1, tpf=1, ep=2, tokens_per_block=4)),
+], ids=["llama-2x2", "llama-2x2-hopb3", "deepseek-nvfp4-kvp4-ep2", "deepseek-dense-ep2"])
+def test_every_rank_decodes_on_the_gpu_path(model, helix):
+    reports = dry_run(model, helix, LENGTHS, steps=3)  # crosses block owners (blocks of 4)
+    assert [r.rank for r in reports] == list(range(helix.world_size))
+    for report in reports:
+        assert report.ops_per_step > 50  # the step really ran, on fake CUDA tensors
+        # Phase timers are CUDA events (two per phase), nothing synchronizes the device.
+        assert report.device_calls.get("event.synchronize", 0) == 0
+        assert report.device_calls["event.record"] == report.device_calls["new_event"] > 0
+
+
+def test_head_dims_the_cuda_kernel_lacks_fail_as_on_a_gpu():
+    # The tiny llama's former head dim (32): the fake flash_decode checks what the CUDA one does.
+    with pytest.raises(RuntimeError, match=r"the CUDA kernel supports \(Dk, Dv\) = \(64, 64\)"):
+        dry_run_rank(tiny_llama(dtype=torch.bfloat16, head_dim=32), HelixConfig(kvp=2, tpa=2, tokens_per_block=4),
+                     0, LENGTHS)
+
+
+def test_float32_fails_as_on_a_gpu():
+    with pytest.raises(RuntimeError, match=r"float32 runs on the CPU only"):
+        dry_run_rank(tiny_llama(), HelixConfig(kvp=2, tpa=2, tokens_per_block=4), 1, LENGTHS)
+
+
+def test_a_host_sync_inside_a_step_is_caught(monkeypatch):
+    original = HelixDecoder._ffn
+
+    def ffn_reading_a_value(self, layer, x):
+        if float(x.abs().max()) > 1e30:  # a host read of device data
+            pass
+        return original(self, layer, x)
+
+    monkeypatch.setattr(HelixDecoder, "_ffn", ffn_reading_a_value)
+    with pytest.raises(DryRunViolation, match=r"a host read of a device value"):
+        dry_run_rank(tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4), 0, LENGTHS)
+
+
+def test_a_host_to_device_copy_inside_a_step_is_caught(monkeypatch):
+    # What step() did before: positions built on the host and copied every step.
+    original = HelixDecoder._attention
+
+    def attention_with_host_positions(self, layer, x, positions, slots):
+        host_positions = torch.tensor([0] * x.shape[0], device=self.device)
+        return original(self, layer, x, positions + host_positions, slots)
+
+    monkeypatch.setattr(HelixDecoder, "_attention", attention_with_host_positions)
+    with pytest.raises(DryRunViolation, match=r"on cpu inside a decode step"):
+        dry_run_rank(tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4), 0, LENGTHS)
