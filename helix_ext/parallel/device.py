@@ -35,6 +35,24 @@ class CudaRuntime:
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
         tensor.record_stream(stream)
 
+    def read_flag(self, flag: torch.Tensor) -> int:
+        """The host's one look at a device-side flag (a sync on GPUs: once per step at most)."""
+        return int(flag.item())
+
+    def symmetric_buffers(self, nbytes: int, group, me: int, peers: int, device: torch.device) -> list:
+        """A zeroed buffer of nbytes per peer of `group`, addressable by all (torch symmetric
+        memory: peer mapping over NVLink); mine at index `me`."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        local.zero_()
+        handle = symm_mem.rendezvous(local, group)
+        handle.barrier()
+        self.handles = getattr(self, "handles", [])
+        self.handles.append(handle)  # keeps the mapping alive
+        return [local if peer == me else handle.get_remote_tensor(peer, (nbytes,), torch.uint8)
+                for peer in range(peers)]
+
 
 class _InertEvent:
     def __init__(self, calls: Counter):
@@ -91,6 +109,14 @@ class DryRuntime:
 
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
         self.calls["record_stream"] += 1
+
+    def read_flag(self, flag: torch.Tensor) -> int:
+        self.calls["read_flag"] += 1  # a fake tensor has no value: count the look, report no error
+        return 0
+
+    def symmetric_buffers(self, nbytes: int, group, me: int, peers: int, device: torch.device) -> list:
+        self.calls["symmetric_buffers"] += 1
+        return [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(peers)]
 
 
 _CURRENT: list = [CudaRuntime()]

@@ -54,7 +54,6 @@ class FusedExchange:
         if max_chunks * 4 > _FLAG_BYTES:
             raise ValueError(f"FusedExchange: at most {_FLAG_BYTES // 4} chunks in flight, got {max_chunks}")
         self._files: list[str] = []
-        self._handle = None
         self.buffers = self._allocate()  # [peer] uint8 views, in KVP-group order; mine at kvp_index
         self.epoch = torch.zeros(max_chunks, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
@@ -74,15 +73,7 @@ class FusedExchange:
     # ---------------------------------------------------------------- buffers
     def _allocate(self) -> list[torch.Tensor]:
         if self.device.type == "cuda":
-            import torch.distributed._symmetric_memory as symm_mem
-
-            local = symm_mem.empty(self.total_bytes, dtype=torch.uint8, device=self.device)
-            local.zero_()
-            self._handle = symm_mem.rendezvous(local, self.group)
-            self._handle.barrier()
-            return [local if peer == self.kvp_index else
-                    self._handle.get_remote_tensor(peer, (self.total_bytes,), torch.uint8)
-                    for peer in range(self.kvp)]
+            return runtime().symmetric_buffers(self.total_bytes, self.group, self.kvp_index, self.kvp, self.device)
         # CPU: one shared-memory file per rank, named from a token rank 0 of the group draws.
         token = [secrets.token_hex(8) if self.kvp_index == 0 else None]
         dist.broadcast_object_list(token, src=dist.get_global_rank(self.group, 0), group=self.group)
@@ -164,7 +155,7 @@ class FusedExchange:
     def check(self) -> None:
         """Raise if a combine timed out waiting for a peer (a device sync on GPUs)."""
         self.error_checks += 1
-        missing = int(self.error.item())
+        missing = runtime().read_flag(self.error)
         if missing:
             raise RuntimeError(f"FusedExchange: KVP peer {missing - 1} did not signal within {self.timeout_s} s")
 

@@ -20,15 +20,27 @@ LENGTHS = [37, 20, 5, 0]
     (tiny_deepseek(dtype=torch.bfloat16, expert_format="nvfp4"),
      HelixConfig(kvp=4, tpa=1, tpf=2, ep=2, tokens_per_block=4, hopb_chunks=2)),
     (tiny_deepseek(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=1, tpf=1, ep=2, tokens_per_block=4)),
-], ids=["llama-2x2", "llama-2x2-hopb3", "deepseek-nvfp4-kvp4-ep2", "deepseek-dense-ep2"])
+    (tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4, hopb_chunks=3, exchange="fused")),
+    (tiny_deepseek(dtype=torch.bfloat16, expert_format="nvfp4"),
+     HelixConfig(kvp=4, tpa=1, tpf=2, ep=2, tokens_per_block=4, hopb_chunks=2, exchange="fused")),
+], ids=["llama-2x2", "llama-2x2-hopb3", "deepseek-nvfp4-kvp4-ep2", "deepseek-dense-ep2", "llama-2x2-hopb3-fused",
+        "deepseek-nvfp4-kvp4-ep2-fused"])
 def test_every_rank_decodes_on_the_gpu_path(model, helix):
-    reports = dry_run(model, helix, LENGTHS, steps=3)  # crosses block owners (blocks of 4)
+    steps = 3
+    reports = dry_run(model, helix, LENGTHS, steps=steps)  # crosses block owners (blocks of 4)
     assert [r.rank for r in reports] == list(range(helix.world_size))
     for report in reports:
+        calls = report.device_calls
         assert report.ops_per_step > 50  # the step really ran, on fake CUDA tensors
-        # Phase timers are CUDA events (two per phase), nothing synchronizes the device.
-        assert report.device_calls.get("event.synchronize", 0) == 0
-        assert report.device_calls["event.record"] == report.device_calls["new_event"] > 0
+        # Events are recorded (phase timers; HOP-B's combine stream), nothing waits for the device.
+        assert calls.get("event.synchronize", 0) == 0 and calls["event.record"] > 0
+        if helix.exchange == "fused":
+            # One look at the combines' error flag per step, none per chunk; each chunk's
+            # combine on the side stream, after the compute stream's event.
+            assert calls["read_flag"] == steps
+            assert calls["stream.wait_event"] == steps * model.num_layers * helix.hopb_chunks
+        else:
+            assert "read_flag" not in calls
 
 
 def test_head_dims_the_cuda_kernel_lacks_fail_as_on_a_gpu():
