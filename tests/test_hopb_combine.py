@@ -82,6 +82,21 @@ def test_combine_waits_for_a_late_peer_on_the_cpu():
     assert torch.equal(out, helix_ext.merge_states(torch.stack(outs), torch.stack(lses))[0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "plus_inf"])
+def test_a_nan_or_plus_inf_lse_gives_a_nan_row(device, bad):
+    # -inf is an absent part and nothing else: a peer's NaN or +inf LSE makes the row NaN, as in
+    # merge_states (the same merge math), never a silently dropped part.
+    outs, lses, flags, epoch = virtual_peers(3, 4, 2, 16, torch.float32, device, signal_slot=0)
+    lses[2][3, 1] = bad
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    out, lse = torch.ops.helix.hopb_combine(outs, lses, flags, epoch, 0, 5.0, error)
+    assert torch.isnan(out[3, 1]).all() and torch.isnan(lse[3, 1])
+    expected_out, expected_lse = helix_ext.merge_states(torch.stack(outs), torch.stack(lses))
+    assert torch.equal(out.isnan(), expected_out.isnan()) and torch.equal(lse.isnan(), expected_lse.isnan())
+    assert torch.isnan(out).sum() == 16 and torch.isnan(lse).sum() == 1
+
+
 INT32_MAX = 2 ** 31 - 1
 
 

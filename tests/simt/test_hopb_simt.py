@@ -107,3 +107,17 @@ def test_epochs_wrap_and_a_stale_peer_is_still_waited_for(start):
     assert error.item() == 0
     expected_out, expected_lse = torch.ops.helix_simt.merge_states(torch.stack(outs), torch.stack(lses))
     assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+
+
+def test_a_nan_lse_gives_a_nan_row():
+    # The kernel's merge treats NaN (and +inf) as poison, never as an absent part.
+    simt.module().reset_publications()
+    outs, lses, flags, epoch = virtual_peers(3, 4, 2, 16, torch.float32)
+    lses[1][2, 1] = float("nan")
+    lses[2][3, 0] = float("inf")
+    error = torch.zeros(1, dtype=torch.int32)
+    out, lse = simt.run_all_schedules(torch.ops.helix_simt.hopb_combine, outs, lses, flags, epoch, 1, 5.0, error,
+                                      multiprocessor_count=1)
+    assert error.item() == 0
+    assert torch.isnan(out[2, 1]).all() and torch.isnan(lse[2, 1]) and torch.isnan(out[3, 0]).all()
+    assert torch.isnan(out).sum() == 32 and torch.isnan(lse).sum() == 2
