@@ -187,7 +187,8 @@ def command_tiny_demo(args) -> int:
         print(f"demo: {error}", file=sys.stderr)
         return 2
     # float32 is the CPU's exact-arithmetic default; ranks on GPUs run bf16 (tensor cores).
-    dtype = args.dtype or ("bfloat16" if backend == "nccl" else "float32")
+    on_gpus = backend == "nccl" or (backend == "threaded" and torch.cuda.is_available())
+    dtype = args.dtype or ("bfloat16" if on_gpus else "float32")
     model = make_model(dtype=getattr(torch, dtype), expert_format=args.experts, seed=args.seed)
     # Different lengths per sequence, so KV ownership changes hands at different steps.
     lengths = [max(0, args.context - 9 * b) for b in range(args.batch)]
@@ -247,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="deepseek: MoE expert weights")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds any collective may wait")
-    demo.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
+    demo.add_argument("--device", choices=["auto", "cuda", "cpu", "threads"], default=None,
                       help="tiny models: where ranks run (default auto: one GPU per rank when the machine has "
-                           "GPUs, else the CPU; fewer GPUs than ranks is an error unless cpu is asked for)")
+                           "GPUs, else the CPU; fewer GPUs than ranks is an error unless cpu is asked for; "
+                           "threads: every rank a thread of this process, all on GPU 0 if there is one)")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=command_demo)
     kernels = commands.add_parser("kernels", help="the ops alone: an exact merge of sharded attention, timed")

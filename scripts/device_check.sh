@@ -62,6 +62,11 @@ if [ "$failed" -eq 0 ]; then
     "tests/test_fp4.py::test_grouped_gemm_dense_and_prefill_sizes[nvfp4-cuda]" \
     "tests/test_hopb_combine.py::test_combine_equals_merge_states[128-8-bf16-cuda]" \
     "tests/test_hopb_combine.py::test_peers_on_concurrent_streams" -m gpu
+  # The runtime's whole GPU path on this one GPU (the tests step ran tests/parallel/test_threads.py's
+  # GPU cases: tiny llama and deepseek, nccl and fused exchange, HOP-B on and off), and the demo's
+  # report of it: every rank a thread on cuda:0, the CUDA kernels, bf16.
+  step demo 45 "$py" -m helix_ext demo --model llama --device threads --context 4096 --steps 8 --kvp 4 --tpa 1 \
+    --exchange fused --json
   step bench 160 "$py" -m bench --quick --out-dir "$out"
 fi
 

@@ -35,6 +35,7 @@ from helix_ext.parallel.config import split_offsets
 from helix_ext.parallel.device import runtime
 
 _FLAG_BYTES = 256
+_IN_PROCESS_BUFFERS: dict[tuple[str, int], torch.Tensor] = {}  # (token, kvp index) -> buffer, while ranks meet
 
 
 class FusedExchange:
@@ -72,6 +73,8 @@ class FusedExchange:
 
     # ---------------------------------------------------------------- buffers
     def _allocate(self) -> list[torch.Tensor]:
+        if dist.get_backend(self.group) == "threaded":
+            return self._allocate_in_process()
         if self.device.type == "cuda":
             return runtime().symmetric_buffers(self.total_bytes, self.group, self.kvp_index, self.kvp, self.device)
         # CPU: one shared-memory file per rank, named from a token rank 0 of the group draws.
@@ -88,6 +91,20 @@ class FusedExchange:
         dist.barrier(group=self.group)  # everyone mapped every file: the names can go
         os.unlink(paths[self.kvp_index])
         self._files = []
+        return buffers
+
+    def _allocate_in_process(self) -> list[torch.Tensor]:
+        """Ranks that are threads of one process (launch.spawn_threads) address each other's
+        buffers directly: each allocates its own, registers it under a token rank 0 of the group
+        draws, and takes its peers' from the registry (CPU or one shared GPU alike)."""
+        token = [secrets.token_hex(8) if self.kvp_index == 0 else None]
+        dist.broadcast_object_list(token, src=dist.get_global_rank(self.group, 0), group=self.group)
+        local = torch.zeros(self.total_bytes, dtype=torch.uint8, device=self.device)
+        _IN_PROCESS_BUFFERS[(token[0], self.kvp_index)] = local
+        dist.barrier(group=self.group)  # every buffer registered
+        buffers = [_IN_PROCESS_BUFFERS[(token[0], peer)] for peer in range(self.kvp)]
+        dist.barrier(group=self.group)  # everyone holds every buffer: the registry entries can go
+        del _IN_PROCESS_BUFFERS[(token[0], self.kvp_index)]
         return buffers
 
     def _flags(self, peer: int) -> torch.Tensor:

@@ -31,7 +31,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-RANK_DEVICES = ("auto", "cuda", "cpu")
+RANK_DEVICES = ("auto", "cuda", "cpu", "threads")
+THREADED = "threaded"  # the backend of in-process ranks (torch's thread-based process group)
 
 
 class RankSetupError(RuntimeError):
@@ -41,12 +42,16 @@ class RankSetupError(RuntimeError):
 def choose_backend(local_ranks: int, device: str | None = None) -> str:
     """"nccl" (one GPU per rank on this machine) or "gloo" (the CPU) for `local_ranks` ranks.
 
-    device: "auto" (GPUs when the machine has any, else the CPU), "cuda" or "cpu"; default
-    HELIX_RANK_DEVICE, else "auto". Fewer GPUs than local ranks raises RankSetupError (unless
-    the CPU is asked for) instead of quietly running on the CPU."""
+    device: "auto" (GPUs when the machine has any, else the CPU), "cuda", "cpu", or "threads"
+    (every rank a thread of this process, all on GPU 0 when there is one, else on the CPU:
+    how one GPU runs the whole multi-rank GPU path); default HELIX_RANK_DEVICE, else "auto".
+    Fewer GPUs than local ranks raises RankSetupError (unless the CPU or threads are asked
+    for) instead of quietly running on the CPU."""
     device = device or os.environ.get("HELIX_RANK_DEVICE", "auto")
     if device not in RANK_DEVICES:
         raise RankSetupError(f"device must be one of {RANK_DEVICES}, got {device!r}")
+    if device == "threads":
+        return THREADED
     if device == "cpu":
         return "gloo"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -65,7 +70,13 @@ def local_rank(rank: int) -> int:
 
 
 def rank_device(backend: str, rank: int) -> torch.device:
-    """The rank's device, made current: the GPU of its local rank for NCCL, else the CPU."""
+    """The rank's device, made current: the GPU of its local rank for NCCL; GPU 0, shared, for
+    in-process (threaded) ranks on a machine with a GPU; else the CPU."""
+    if backend == THREADED:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
     if backend == "nccl":
         index = local_rank(rank)
         if index >= torch.cuda.device_count():
@@ -104,14 +115,74 @@ def _worker(fn, rank, world_size, port, backend, timeout_s, args, results):
             dist.destroy_process_group()
 
 
+def spawn_threads(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 120.0,
+                  return_errors: bool = False) -> list:
+    """Run fn(rank, "threaded", *args) on world_size threads of this process over torch's
+    thread-based process group (its collectives exchange the threads' tensors in memory, CPU or
+    CUDA); the same contract as spawn(). One GPU thus runs every rank of a layout."""
+    import threading
+
+    from torch.testing._internal.distributed.multi_threaded_pg import (ProcessLocalGroup, _install_threaded_pg,
+                                                                        _uninstall_threaded_pg)
+
+    store = dist.HashStore()
+    outcome: dict[int, tuple[str, Any]] = {}
+
+    def worker(rank: int) -> None:
+        try:
+            dist.init_process_group(THREADED, rank=rank, world_size=world_size, store=store,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+            outcome[rank] = ("ok", fn(rank, THREADED, *args))
+        except BaseException as error:  # noqa: BLE001  (reported like a process's error)
+            outcome[rank] = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+            ProcessLocalGroup.exception_handle(error)  # wake the ranks waiting in a collective
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    _install_threaded_pg()
+    # Group names live in one process-wide C++ registry (for functional collectives, which the
+    # runtime does not use): every thread's default group is "0", so registering would collide.
+    c10d = dist.distributed_c10d
+    register = c10d._register_process_group
+    c10d._register_process_group = lambda name, group: None
+    try:
+        threads = [threading.Thread(target=worker, args=(rank,), daemon=True) for rank in range(world_size)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout_s + 60.0
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        c10d._register_process_group = register
+        _uninstall_threaded_pg()
+        ProcessLocalGroup.reset()
+    for rank in range(world_size):
+        outcome.setdefault(rank, ("error", f"rank {rank} gave no result within {timeout_s + 60:.0f} s"))
+    return _collect(outcome, world_size, return_errors)
+
+
+def _collect(outcome: dict, world_size: int, return_errors: bool) -> list:
+    if return_errors:
+        return [value if status == "ok" else ("error", value) for status, value in
+                (outcome[rank] for rank in range(world_size))]
+    failures = [f"rank {rank}: {value}" for rank, (status, value) in sorted(outcome.items()) if status != "ok"]
+    if failures:
+        raise RankFailure("\n".join(failures))
+    return [outcome[rank][1] for rank in range(world_size)]
+
+
 def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: str | None = None,
           timeout_s: float = 120.0, return_errors: bool = False, device: str | None = None) -> list:
     """Run fn(rank, backend, *args) on world_size fresh processes; return the ranks' results.
 
     A rank that raises, or dies without a result, fails the whole run with RankFailure (or,
     with return_errors, comes back as an ("error", message) entry). Nothing waits longer than
-    the collective timeout plus a margin. device: see choose_backend (ignored with a backend)."""
+    the collective timeout plus a margin. device: see choose_backend (ignored with a backend);
+    the threaded backend runs the ranks as threads of this process (spawn_threads)."""
     backend = backend or choose_backend(world_size, device)
+    if backend == THREADED:
+        return spawn_threads(fn, world_size, args, timeout_s, return_errors)
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
@@ -135,13 +206,7 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: st
         process.join(timeout=5)
         if process.is_alive():
             process.kill()
-    if return_errors:
-        return [value if status == "ok" else ("error", value) for status, value in
-                (outcome[rank] for rank in range(world_size))]
-    failures = [f"rank {rank}: {value}" for rank, (status, value) in sorted(outcome.items()) if status != "ok"]
-    if failures:
-        raise RankFailure("\n".join(failures))
-    return [outcome[rank][1] for rank in range(world_size)]
+    return _collect(outcome, world_size, return_errors)
 
 
 def torchrun_environment() -> tuple[int, int] | None:
