@@ -114,9 +114,11 @@ inline FlashDecodeShape check_flash_decode_args(const at::Tensor& q, const at::T
   TORCH_CHECK(last_dim_contiguous(q), "flash_decode: q's last dim must be contiguous (stride 1), got strides ", q.strides());
   TORCH_CHECK(last_dim_contiguous(k_cache), "flash_decode: k_cache's last dim must be contiguous (stride 1), got strides ",
               k_cache.strides());
-  // The kernels use it as a float: a double beyond float32's range would become inf there.
-  TORCH_CHECK(std::isfinite(softmax_scale) && std::isfinite(static_cast<float>(softmax_scale)),
-              "flash_decode: softmax_scale must be finite in float32 (|x| <= 3.4e38), got ", softmax_scale);
+  // The kernels use it as a float, times log2(e): beyond that range it would become inf there.
+  TORCH_CHECK(std::isfinite(softmax_scale) &&
+                  std::isfinite(static_cast<float>(softmax_scale) * 1.4426950408889634f),
+              "flash_decode: softmax_scale must be finite in float32 times log2(e) (|x| <= 2.3e38), got ",
+              softmax_scale);
   TORCH_CHECK(num_splits >= 0, "flash_decode: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
   if (kv_fp8) {
     TORCH_CHECK(k_scale.has_value(), "flash_decode: k_scale is required when k_cache is float8_e4m3fn");

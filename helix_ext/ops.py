@@ -8,6 +8,7 @@ them, and check the same shapes and dtypes as the native kernels.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -90,8 +91,9 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
     length 0 (an empty shard) gives ``out = 0`` and ``lse = -inf``, which ``merge_states``
     treats as absent: running this op on each KV-parallel shard and merging the results
     reproduces attention over the whole sequence exactly. A NaN or ``+inf`` score (NaN in q,
-    K or k_scale, an fp8 NaN code, q.k overflowing fp32) makes that row's out and lse NaN,
-    whatever the number of splits, never ``0`` and ``-inf``.
+    K or k_scale, an fp8 NaN code, a score overflowing fp32 to ``+inf``) makes that row's out
+    and lse NaN, whatever the number of splits, never ``0`` and ``-inf``. (A score overflowing to
+    ``-inf`` weighs 0, like a masked one.)
 
     Args:
         q: ``[B, Hq, Dk]`` bfloat16 or float16 (one decode token per sequence); float32 too on
@@ -102,7 +104,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
             absorbed form (V = the first ``head_dim_v`` dims of each K entry, scaled by k_scale).
         block_table: ``[B, max_blocks]`` int32, the physical block of each logical block.
         seq_lens: ``[B]`` int32, tokens per sequence, ``0 <= seq_lens[b] <= max_blocks * block_size``.
-        softmax_scale: the score scale, typically ``Dk ** -0.5``; finite as a float32.
+        softmax_scale: the score scale, typically ``Dk ** -0.5``; finite as a float32 times log2(e).
         head_dim_v: Dv for MLA (-1: Dk, or v_cache's head dim when v_cache is given).
         k_scale, v_scale: float32 one-element tensors, per-tensor dequantization multipliers
             (required for float8 caches; v_scale must be None for MLA).
@@ -128,8 +130,15 @@ def _check_scale(scale, name: str) -> None:
                            f"got {scale.dtype} with shape {tuple(scale.shape)}")
 
 
-# The largest double that rounds to a finite float32 (FLT_MAX plus half an ulp, exclusive).
-_FLOAT32_MAX_ROUNDING = float.fromhex("0x1.ffffffp+127") - float.fromhex("0x1p+75")
+def _to_float32(value: float) -> float:
+    """value rounded to float32 (inf beyond its range)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _float32_times_log2e_is_finite(scale: float) -> bool:
+    """float(scale) * float(log2 e) in float32 arithmetic is finite, as the kernels compute it
+    (the double product of two floats is exact, so rounding it once is the float32 product)."""
+    return math.isfinite(_to_float32(_to_float32(scale) * _to_float32(1.4426950408889634)))
 
 
 @torch.library.register_fake("helix::flash_decode")
@@ -187,8 +196,8 @@ def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
         if tensor is not None and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
             raise RuntimeError(f"flash_decode: {name}'s last dim must be contiguous (stride 1), got strides "
                                f"{tuple(tensor.stride())}")
-    if not (math.isfinite(softmax_scale) and abs(softmax_scale) <= _FLOAT32_MAX_ROUNDING):
-        raise RuntimeError(f"flash_decode: softmax_scale must be finite in float32 (|x| <= 3.4e38), "
+    if not (math.isfinite(softmax_scale) and _float32_times_log2e_is_finite(softmax_scale)):
+        raise RuntimeError(f"flash_decode: softmax_scale must be finite in float32 times log2(e) (|x| <= 2.3e38), "
                            f"got {softmax_scale}")
     if num_splits < 0:
         raise RuntimeError(f"flash_decode: num_splits must be >= 0 (0 = heuristic), got {num_splits}")

@@ -318,6 +318,9 @@ def bad_inputs(device):
         ("softmax_scale beyond float32", (q, k, v, table, lens, 1e39), {}, r"softmax_scale must be finite in float32"),
         ("negative softmax_scale beyond float32", (q, k, v, table, lens, -3.5e38), {},
          r"softmax_scale must be finite in float32"),
+        # Finite in float32, but the kernels scale it by log2(e): 3e38 * 1.44 is inf.
+        ("softmax_scale times log2(e) beyond float32", (q, k, v, table, lens, 3e38), {},
+         r"softmax_scale must be finite in float32 times log2\(e\)"),
         ("q's last dim strided", (torch.randn(2, 4, 128, device=device).to(q.dtype)[..., ::2], k, v, table, lens,
                                   scale), {}, r"q's last dim must be contiguous"),
     ]

@@ -234,9 +234,8 @@ class HelixDecoder:
         slots = self.cache.begin_step(positions)  # positions: host ints for bookkeeping only
         x = w["embed"][tokens.to(self.device)]  # tokens already on the device: no copy
         for layer in range(m.num_layers):
-            x = x + self._attention(layer, x, self.cache.positions, slots)
+            x = x + self._attention(layer, x, slots.positions, slots)
             x = x + self._ffn(layer, x)
         logits = (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
-        self.cache.end_step()
         self.exchange.end_step()  # the step's only look at the exchange's device-side error flag
         return logits

@@ -30,8 +30,9 @@ class StepSlots:
     the offset in it."""
 
     sequences: list[int]
-    physical: torch.Tensor  # [B] int64
-    offset: torch.Tensor    # [B] int64
+    physical: torch.Tensor   # [B] int64
+    offset: torch.Tensor     # [B] int64
+    positions: torch.Tensor  # [B] int64: this step's positions (RoPE)
 
 
 class HelixKVCache:
@@ -63,7 +64,7 @@ class HelixKVCache:
         self._lengths = [0] * batch               # host copy: tokens held per sequence
         self._next_positions: list[int] | None = None  # host copy: the next step's positions
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.int64, device=device)  # this step's positions
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=device)  # the next step's positions
 
     def _local_blocks_needed(self, tokens: int) -> int:
         global_blocks = math.ceil(tokens / self.block_size)
@@ -112,24 +113,22 @@ class HelixKVCache:
         if self._next_positions is not None and list(positions) != self._next_positions:
             raise ValueError(f"HelixKVCache: a step must decode the positions after the previous ones "
                              f"({self._next_positions}), got {list(positions)}")
-        sequences = []
-        for b, position in enumerate(positions):
-            if self.owns(position):
-                self._slot(b, position)  # the capacity check
-                sequences.append(b)
-                self._lengths[b] += 1
+        sequences = [b for b, position in enumerate(positions) if self.owns(position)]
+        for b in sequences:
+            self._slot(b, positions[b])  # the capacity check, before anything changes
+        # From here on host and device advance together, whatever happens later in the step.
+        for b in sequences:
+            self._lengths[b] += 1
         self._next_positions = [p + 1 for p in positions]
-        blocks = torch.div(self.positions, self.block_size, rounding_mode="floor")
+        step_positions = self.positions.clone()
+        self.positions += 1
+        blocks = torch.div(step_positions, self.block_size, rounding_mode="floor")
         owned = torch.remainder(blocks, self.kvp) == self.kvp_index
         self.seq_lens += owned.to(torch.int32)
         local = torch.div(blocks, self.kvp, rounding_mode="floor").clamp(max=self.max_blocks - 1)
         mapped = self.block_table.gather(1, local.unsqueeze(1)).squeeze(1).to(torch.int64)
         physical = torch.where(owned, mapped, torch.full_like(mapped, self.trash_block))
-        return StepSlots(sequences, physical, torch.remainder(self.positions, self.block_size))
-
-    def end_step(self) -> None:
-        """After the step's layers: the next step decodes the next positions."""
-        self.positions += 1
+        return StepSlots(sequences, physical, torch.remainder(step_positions, self.block_size), step_positions)
 
     def write(self, layer: int, slots: StepSlots, keys: torch.Tensor, values: torch.Tensor | None) -> None:
         """Store this step's entries (keys [B, H, Dk], values [B, H, Dv]): owned tokens in their

@@ -75,8 +75,12 @@ def rank_device(backend: str, rank: int) -> torch.device:
     if backend == THREADED:
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        torch.cuda.set_device(0)
-        return torch.device("cuda", 0)
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        # A compute stream of the rank's own (current streams are per thread): on the shared
+        # default stream one rank's wait for its combine would queue ahead of a peer's signal.
+        torch.cuda.set_stream(torch.cuda.Stream(device))
+        return device
     if backend == "nccl":
         index = local_rank(rank)
         if index >= torch.cuda.device_count():
@@ -137,10 +141,12 @@ def spawn_threads(fn: Callable[..., Any], world_size: int, args: tuple = (), tim
             outcome[rank] = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
             ProcessLocalGroup.exception_handle(error)  # wake the ranks waiting in a collective
         finally:
-            if dist.is_initialized():
+            # A thread stuck past the run (see below) must not touch whatever group the process
+            # holds by the time it wakes: only its own threaded world.
+            if dist.distributed_c10d._world is world and dist.is_initialized():
                 dist.destroy_process_group()
 
-    _install_threaded_pg()
+    world = _install_threaded_pg()
     # Group names live in one process-wide C++ registry (for functional collectives, which the
     # runtime does not use): every thread's default group is "0", so registering would collide.
     c10d = dist.distributed_c10d
@@ -151,14 +157,20 @@ def spawn_threads(fn: Callable[..., Any], world_size: int, args: tuple = (), tim
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + timeout_s + 60.0
-        for thread in threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
+            for thread in threads:
+                thread.join(timeout=0.1)
+            if any(status == "error" for status, _ in list(outcome.values())):
+                # A rank failed: its peers get a few seconds to fail too (a peer waiting in a
+                # group's store barrier is not woken), then count as stuck.
+                deadline = min(deadline, time.monotonic() + 5.0)
     finally:
         c10d._register_process_group = register
         _uninstall_threaded_pg()
         ProcessLocalGroup.reset()
     for rank in range(world_size):
-        outcome.setdefault(rank, ("error", f"rank {rank} gave no result within {timeout_s + 60:.0f} s"))
+        outcome.setdefault(rank, ("error", f"rank {rank} gave no result (stuck after another rank failed, "
+                                           f"or past {timeout_s + 60:.0f} s)"))
     return _collect(outcome, world_size, return_errors)
 
 
@@ -227,6 +239,9 @@ def run_under_torchrun(fn: Callable[..., Any], world_size: int, args: tuple = ()
     if started != world_size:
         raise ValueError(f"torchrun started {started} ranks but kvp x tpa = {world_size}")
     backend = backend or choose_backend(int(os.environ.get("LOCAL_WORLD_SIZE", started)), device)
+    if backend == THREADED:
+        raise RankSetupError("threads run every rank in one process: not under torchrun, which starts a process "
+                             "per rank (use --device cuda or cpu there)")
     start_process_group(backend, rank, world_size, timeout_s)
     try:
         result = fn(rank, backend, *args)

@@ -131,3 +131,11 @@ def test_gpu_phase_timers_record_events_and_never_synchronize_inside_a_step(monk
     seconds = timers.seconds
     assert seconds == pytest.approx({"attention": 3 * 3.0, "exchange": 3 * 1.5})
     assert timers.seconds == seconds  # read once; a second read adds nothing
+
+
+def test_threads_are_refused_under_torchrun(monkeypatch):
+    Recorder(monkeypatch, gpus=1)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(launch.RankSetupError, match=r"threads run every rank in one process: not under torchrun"):
+        launch.run_under_torchrun(lambda rank, backend: None, 2, device="threads")

@@ -120,7 +120,6 @@ def test_round_robin_deal_and_appends_stay_balanced(kvp):
                 expected = cache._slot(b, position) if b in slots.sequences else (cache.trash_block,
                                                                                    position % block)
                 assert (slots.physical[b].item(), slots.offset[b].item()) == expected
-            cache.end_step()
         positions = [p + 1 for p in positions]
         held = torch.tensor([c.tokens_held() for c in caches])  # [rank, sequence]
         assert torch.all(held.sum(0) == torch.tensor(positions))  # every token held exactly once
@@ -148,9 +147,10 @@ def test_capacity_is_enforced():
     cache.load_context([4], lambda layer, s, b: (torch.zeros(4, 2, 8), torch.zeros(4, 2, 8)))
     for position in range(4, 8):  # block 1 is rank 1's
         cache.begin_step([position])
-        cache.end_step()
     with pytest.raises(RuntimeError, match="outgrew its capacity"):
         cache.begin_step([8])  # block 2 belongs to rank 0 but was never provisioned
+    # The refused step changed nothing, on the host or on the device.
+    assert cache.tokens_held() == [4] and cache.seq_lens.tolist() == [4] and cache.positions.tolist() == [8]
 
 
 def test_a_step_must_follow_the_previous_one():
@@ -164,6 +164,5 @@ def test_a_step_must_follow_the_previous_one():
 
     cache.load_context(lengths, make_block)
     cache.begin_step([4, 9])
-    cache.end_step()
     with pytest.raises(ValueError, match=r"must decode the positions after the previous ones \(\[5, 10\]\)"):
         cache.begin_step([4, 9])
