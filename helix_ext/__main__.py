@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -166,7 +165,8 @@ def command_model_demo(args) -> int:
 def command_tiny_demo(args) -> int:
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.demo import DemoSpec, build_report, format_report, run_demo, run_rank
-    from helix_ext.parallel.launch import RankSetupError, choose_backend, run_under_torchrun, torchrun_environment
+    from helix_ext.parallel.launch import (RankSetupError, choose_backend, local_world_size, run_under_torchrun,
+                                           torchrun_environment)
     from helix_ext.parallel.models import tiny_deepseek, tiny_llama
 
     make_model = tiny_llama if args.model == "llama" else tiny_deepseek
@@ -181,8 +181,7 @@ def command_tiny_demo(args) -> int:
         return 2
     try:
         launched = torchrun_environment()
-        local_ranks = helix.world_size if launched is None else int(os.environ.get("LOCAL_WORLD_SIZE", launched[1]))
-        backend = choose_backend(local_ranks, args.device)
+        backend = choose_backend(local_world_size(helix.world_size), args.device)
     except RankSetupError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2

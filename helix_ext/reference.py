@@ -113,7 +113,7 @@ FP4_BLOCK = {"nvfp4": 16, "mxfp4": 32}
 
 
 CANONICAL_NAN_BITS = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
-_SAME_SIZE_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+SAME_SIZE_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def _fp4_block(fmt: str) -> int:
@@ -208,7 +208,7 @@ def dequantize_fp4_reference(packed: torch.Tensor, block_scales: torch.Tensor, g
     out = values * multipliers
     # NaN scale codes give the canonical quiet NaN of the dtype (0x7FC00000 / 0x7E00 / 0x7FC0),
     # written as bits: torch's own conversions do not promise one NaN pattern.
-    nan = torch.tensor(CANONICAL_NAN_BITS[dtype], dtype=_SAME_SIZE_INT[dtype]).view(dtype).to(out.device)
+    nan = torch.tensor(CANONICAL_NAN_BITS[dtype], dtype=SAME_SIZE_INT[dtype]).view(dtype).to(out.device)
     return torch.where(torch.isnan(out), nan, out.to(dtype))
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import helix_ext
-from helix_ext.reference import (CANONICAL_NAN_BITS, E2M1_GRID, dequantize_fp4_reference, e2m1_decode, fp4_grouped_gemm_reference,
-                                 fp4_pack, fp4_unpack, quantize_fp4_reference)
+from helix_ext.reference import (CANONICAL_NAN_BITS, E2M1_GRID, SAME_SIZE_INT, dequantize_fp4_reference,
+                                 e2m1_decode, fp4_grouped_gemm_reference, fp4_pack, fp4_unpack,
+                                 quantize_fp4_reference)
 from conftest import DEVICES, DEVICES_AND_SIMT, call_op, tensor_device
 from tolerance import assert_close_to_reference
 
@@ -184,9 +185,6 @@ def test_nvfp4_global_scale_is_never_zero(device):
     assert torch.all(y == 0)
 
 
-INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
 @pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -205,7 +203,7 @@ def test_nan_scale_codes_dequantize_to_the_canonical_nan(device, fmt, dtype):
                   fmt, dtype).cpu()
     expected = dequantize_fp4_reference(packed, scales, torch.tensor(0.5), fmt, dtype)
     assert same_bits(out, expected)
-    bits = out.view(INT_VIEW[dtype]).view(3, -1, block).long() & (0xFFFFFFFF if dtype == torch.float32 else 0xFFFF)
+    bits = out.view(SAME_SIZE_INT[dtype]).view(3, -1, block).long() & (0xFFFFFFFF if dtype == torch.float32 else 0xFFFF)
     for b in range(out.shape[1] // block):
         nan = torch.all(bits[:, b] == CANONICAL_NAN_BITS[dtype])
         assert bool(nan) == (b in nan_blocks), b

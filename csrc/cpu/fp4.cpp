@@ -85,11 +85,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
 template <typename T>
 T canonical_nan() {
   if constexpr (std::is_same_v<T, float>) {
-    return float_from_bits(0x7FC00000u);
+    return float_from_bits(kQuietNanBitsF32);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return c10::Half(0x7E00, c10::Half::from_bits());
+    return c10::Half(kQuietNanBitsF16, c10::Half::from_bits());
   } else {
-    return c10::BFloat16(0x7FC0, c10::BFloat16::from_bits());
+    return c10::BFloat16(kQuietNanBitsBf16, c10::BFloat16::from_bits());
   }
 }
 
@@ -118,7 +118,7 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& block_
           for (int64_t i = b * format.block; i < (b + 1) * format.block; ++i) {
             const uint8_t byte = byte_data[r * (cols / 2) + i / 2];
             const float value = dequantize_fp4_element(byte, static_cast<int>(i % 2), multiplier);
-            // NaN as the canonical pattern of the dtype (0x7FC00000, 0x7E00, 0x7FC0), as on CUDA.
+            // NaN as the canonical pattern of the dtype (kQuietNanBits*), as on CUDA.
             out_data[r * cols + i] = value == value ? static_cast<scalar_t>(value) : canonical_nan<scalar_t>();
           }
         }

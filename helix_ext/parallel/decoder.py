@@ -24,13 +24,12 @@ import torch.distributed as dist
 
 from helix_ext.moe import moe_ffn
 from helix_ext.ops import flash_decode
-from helix_ext.parallel.config import HelixConfig, RankLayout
+from helix_ext.parallel.config import HelixConfig, RankLayout, even_split, split_offsets
 from helix_ext.parallel.device import runtime
 from helix_ext.parallel.exchange import make_exchange
 from helix_ext.parallel.experts import local_experts, route
 from helix_ext.parallel.ffn import DenseFfn, ffn_granule
 from helix_ext.parallel.kv_cache import HelixKVCache
-from helix_ext.parallel.config import even_split, split_offsets
 from helix_ext.parallel.models import (ModelConfig, apply_rope, context_block, make_weights, mla_query_and_entry,
                                        rms_norm, rope_inverse_frequencies, swiglu)
 

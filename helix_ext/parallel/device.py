@@ -39,19 +39,18 @@ class CudaRuntime:
         """The host's one look at a device-side flag (a sync on GPUs: once per step at most)."""
         return int(flag.item())
 
-    def symmetric_buffers(self, nbytes: int, group, me: int, peers: int, device: torch.device) -> list:
-        """A zeroed buffer of nbytes per peer of `group`, addressable by all (torch symmetric
-        memory: peer mapping over NVLink); mine at index `me`."""
+    def symmetric_buffers(self, nbytes: int, group, me: int, peers: int, device: torch.device):
+        """(a zeroed buffer of nbytes per peer of `group`, addressable by all, mine at index `me`;
+        the handle that keeps the peer mapping alive: the caller holds it). Torch symmetric
+        memory: peer mapping over NVLink."""
         import torch.distributed._symmetric_memory as symm_mem
 
         local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
         local.zero_()
         handle = symm_mem.rendezvous(local, group)
         handle.barrier()
-        self.handles = getattr(self, "handles", [])
-        self.handles.append(handle)  # keeps the mapping alive
         return [local if peer == me else handle.get_remote_tensor(peer, (nbytes,), torch.uint8)
-                for peer in range(peers)]
+                for peer in range(peers)], handle
 
 
 class _InertEvent:
@@ -114,9 +113,9 @@ class DryRuntime:
         self.calls["read_flag"] += 1  # a fake tensor has no value: count the look, report no error
         return 0
 
-    def symmetric_buffers(self, nbytes: int, group, me: int, peers: int, device: torch.device) -> list:
+    def symmetric_buffers(self, nbytes: int, group, me: int, peers: int, device: torch.device):
         self.calls["symmetric_buffers"] += 1
-        return [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(peers)]
+        return [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(peers)], None
 
 
 _CURRENT: list = [CudaRuntime()]

@@ -3,8 +3,9 @@ query head, one all-to-all inside the KVP group, then merged with merge_states.
 
 Backends share one interface, begin_layer(), start(out, lse) -> handle, finish(handle) ->
 (merged out [B, h, Dv], merged lse [B, h]) for the h query heads this rank owns after the
-exchange, and end_step() once per decode step (where errors found on the device surface), so HOP-B can start chunk c's exchange and finish it while chunk c+1's attention
-computes, and the backends are interchangeable without touching the layers:
+exchange, and end_step() once per decode step (where errors found on the device surface), so
+HOP-B can start chunk c's exchange and finish it while chunk c+1's attention computes, and the
+backends are interchangeable without touching the layers:
   "nccl":  torch.distributed all-to-all of the partials, then merge_states;
   "fused": each rank writes its partials into its own symmetric (GPU) or shared (CPU) buffer
            and raises a flag; every rank then reads its heads' partials from its peers'

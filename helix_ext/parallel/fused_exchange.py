@@ -55,6 +55,7 @@ class FusedExchange:
         if max_chunks * 4 > _FLAG_BYTES:
             raise ValueError(f"FusedExchange: at most {_FLAG_BYTES // 4} chunks in flight, got {max_chunks}")
         self._files: list[str] = []
+        self._handle = None  # GPUs: the symmetric-memory handle that keeps the peer mapping alive
         self.buffers = self._allocate()  # [peer] uint8 views, in KVP-group order; mine at kvp_index
         self.epoch = torch.zeros(max_chunks, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
@@ -76,7 +77,9 @@ class FusedExchange:
         if dist.get_backend(self.group) == "threaded":
             return self._allocate_in_process()
         if self.device.type == "cuda":
-            return runtime().symmetric_buffers(self.total_bytes, self.group, self.kvp_index, self.kvp, self.device)
+            buffers, self._handle = runtime().symmetric_buffers(self.total_bytes, self.group, self.kvp_index, self.kvp,
+                                                                self.device)
+            return buffers
         # CPU: one shared-memory file per rank, named from a token rank 0 of the group draws.
         token = [secrets.token_hex(8) if self.kvp_index == 0 else None]
         dist.broadcast_object_list(token, src=dist.get_global_rank(self.group, 0), group=self.group)

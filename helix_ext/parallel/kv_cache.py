@@ -46,10 +46,10 @@ class HelixKVCache:
         self.max_blocks = max(local_blocks + [1])
         # Every local block of every sequence, assigned once; the last physical block is the trash.
         self._table = []  # host copy: physical block of each local block
+        self.trash_block = 0
         for count in local_blocks:
-            start = sum(len(t) for t in self._table)
-            self._table.append(list(range(start, start + count)))
-        self.trash_block = sum(local_blocks)
+            self._table.append(list(range(self.trash_block, self.trash_block + count)))
+            self.trash_block += count
         num_blocks = self.trash_block + 1
         self.keys = [torch.zeros(num_blocks, block_size, num_kv_heads, head_dim_k, dtype=dtype, device=device)
                      for _ in range(num_layers)]

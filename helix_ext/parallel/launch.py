@@ -63,6 +63,11 @@ def choose_backend(local_ranks: int, device: str | None = None) -> str:
     return "nccl"
 
 
+def local_world_size(world_size: int) -> int:
+    """Ranks on this machine: LOCAL_WORLD_SIZE under torchrun, else all of them."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
 def local_rank(rank: int) -> int:
     """This process's index on its machine: LOCAL_RANK under torchrun (multi-node launches
     included), else the rank (spawned ranks all run on one machine)."""
@@ -238,7 +243,7 @@ def run_under_torchrun(fn: Callable[..., Any], world_size: int, args: tuple = ()
     rank, started = torchrun_environment()
     if started != world_size:
         raise ValueError(f"torchrun started {started} ranks but kvp x tpa = {world_size}")
-    backend = backend or choose_backend(int(os.environ.get("LOCAL_WORLD_SIZE", started)), device)
+    backend = backend or choose_backend(local_world_size(started), device)
     if backend == THREADED:
         raise RankSetupError("threads run every rank in one process: not under torchrun, which starts a process "
                              "per rank (use --device cuda or cpu there)")

@@ -54,6 +54,12 @@ enum PlantedDefect : int {
   kPlantMissingReleaseFence = 6,  // hopb_signal: the flag is published by a relaxed store, no fence
 };
 
+// The canonical quiet NaN of each element type: what every device writes for a NaN where bits
+// must agree (x86 keeps an operand's sign and payload, a GPU makes its own).
+constexpr uint32_t kQuietNanBitsF32 = 0x7FC00000u;
+constexpr uint16_t kQuietNanBitsF16 = 0x7E00u;
+constexpr uint16_t kQuietNanBitsBf16 = 0x7FC0u;
+
 // The value every "absent" log-sum-exp takes: a shard with no keys, or a merge of nothing.
 HELIX_HOST_DEVICE float neg_inf() { return -__builtin_huge_valf(); }
 

@@ -149,7 +149,7 @@ HELIX_HOST_DEVICE uint8_t mxfp4_scale_code(float block_amax) {
 
 // 2^(code - 127); code 0 is 2^-127 (an fp32 subnormal, still exact), 0xFF is NaN.
 HELIX_HOST_DEVICE float mxfp4_scale_value(uint8_t code) {
-  if (code == 0xFFu) return float_from_bits(0x7FC00000u);
+  if (code == 0xFFu) return float_from_bits(kQuietNanBitsF32);
   if (code == 0) return float_from_bits(0x00400000u);
   return float_from_bits(static_cast<uint32_t>(code) << 23);
 }
@@ -179,10 +179,10 @@ HELIX_HOST_DEVICE uint8_t quantize_fp4_block(const float (&values)[BLOCK], bool 
 }
 
 // Dequantized value of element `index` (0 or 1) of a packed byte. A NaN multiplier (scale
-// codes e4m3 0x7F/0xFF, e8m0 0xFF) gives the canonical quiet NaN 0x7FC00000 whatever the
+// codes e4m3 0x7F/0xFF, e8m0 0xFF) gives the canonical quiet NaN (kQuietNanBitsF32) whatever the
 // code's sign: x86 would keep the NaN operand's sign and payload, a GPU makes its own.
 HELIX_HOST_DEVICE float dequantize_fp4_element(uint8_t byte, int index, float block_multiplier) {
-  if (block_multiplier != block_multiplier) return float_from_bits(0x7FC00000u);
+  if (block_multiplier != block_multiplier) return float_from_bits(kQuietNanBitsF32);
   return e2m1_to_float(index == 0 ? byte & 0xFu : byte >> 4) * block_multiplier;
 }
 

@@ -64,7 +64,7 @@ HELIX_DEVICE uint32_t multiply_bf16_pairs(uint32_t a, uint32_t b) {
 HELIX_DEVICE uint32_t scale_pair(uint32_t code, bool nvfp4) {
   const float value = nvfp4 ? fp8_e4m3_to_float(static_cast<uint8_t>(code)) : 0.0f;
   code &= 0xFFu;
-  const uint32_t e8m0 = code == 0xFFu ? 0x7FC0u : code == 0 ? 0x0040u : (code << 7);
+  const uint32_t e8m0 = code == 0xFFu ? kQuietNanBitsBf16 : code == 0 ? 0x0040u : (code << 7);
   const uint32_t bits = nvfp4 ? (bf16_pair_bits(value, value) & 0xFFFFu) : e8m0;
   return bits | (bits << 16);
 }

@@ -18,21 +18,21 @@ template <>
 struct ElementTraits<float> {
   HELIX_DEVICE static float to_float(float x) { return x; }
   HELIX_DEVICE static float from_float(float x) { return x; }
-  HELIX_DEVICE static float quiet_nan() { return float_from_bits(0x7FC00000u); }
+  HELIX_DEVICE static float quiet_nan() { return float_from_bits(kQuietNanBitsF32); }
 };
 
 template <>
 struct ElementTraits<__half> {
   HELIX_DEVICE static float to_float(__half x) { return __half2float(x); }
   HELIX_DEVICE static __half from_float(float x) { return __float2half_rn(x); }
-  HELIX_DEVICE static __half quiet_nan() { return __ushort_as_half(0x7E00u); }
+  HELIX_DEVICE static __half quiet_nan() { return __ushort_as_half(kQuietNanBitsF16); }
 };
 
 template <>
 struct ElementTraits<__nv_bfloat16> {
   HELIX_DEVICE static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   HELIX_DEVICE static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-  HELIX_DEVICE static __nv_bfloat16 quiet_nan() { return __ushort_as_bfloat16(0x7FC0u); }
+  HELIX_DEVICE static __nv_bfloat16 quiet_nan() { return __ushort_as_bfloat16(kQuietNanBitsBf16); }
 };
 
 // N elements of T held in registers, loaded or stored as one access of N * sizeof(T)
