@@ -128,31 +128,39 @@ def layout_from_args(args, num_kv_heads: int, default: tuple[int, int]) -> tuple
 
 def command_model_demo(args) -> int:
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
+    from helix_ext.parallel.decoder import check_cuda_graphs
     from helix_ext.parallel.hf_model import MODEL_HEADS, ModelUnavailable
-    from helix_ext.parallel.launch import run_under_torchrun, torchrun_environment
-    from helix_ext.parallel.model_demo import (MODEL_BACKEND, compare, format_model_report, prepare, run_model_demo,
-                                               run_model_rank)
+    from helix_ext.parallel.launch import (RankSetupError, choose_backend, local_world_size, run_under_torchrun,
+                                           torchrun_environment)
+    from helix_ext.parallel.model_demo import (compare, format_model_report, model_precision, prepare,
+                                               run_model_demo, run_model_rank)
 
     if args.max_new_tokens < 1:
         print("--max-new-tokens must be >= 1", file=sys.stderr)
         return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         kvp, tpa = layout_from_args(args, MODEL_HEADS[1], default=(2, 3))
         helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=args.tokens_per_block, hopb_chunks=args.hopb_chunks,
-                            exchange=args.exchange)
+                            exchange=args.exchange, cuda_graphs=args.cuda_graphs)
         helix.validate(*MODEL_HEADS, moe=False)  # before loading the model
-        if torchrun_environment() is None:
+        launched = torchrun_environment()
+        if launched is None:
             report = run_model_demo(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, timeout_s=args.timeout,
-                                    verbose=not args.json)
-        else:
-            run, context = prepare(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, verbose=False)
+                                    verbose=not args.json, device=args.device, dtype=dtype)
+        else:  # every rank loads the model and runs the reference on its own device
+            backend = choose_backend(local_world_size(helix.world_size), args.device)
+            check_cuda_graphs(helix, backend)
+            rank_dtype, reference_device = model_precision(backend, dtype, launched[0])
+            run, context = prepare(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, False, rank_dtype,
+                                   reference_device)
             start = time.perf_counter()
-            gathered = run_under_torchrun(run_model_rank, helix.world_size, (run,), backend=MODEL_BACKEND,
+            gathered = run_under_torchrun(run_model_rank, helix.world_size, (run,), backend=backend,
                                           timeout_s=args.timeout)
             if gathered is None:  # not rank 0
                 return 0
             report = compare(run, context, gathered, time.perf_counter() - start)
-    except (HelixConfigError, ModelUnavailable, ValueError) as error:
+    except (HelixConfigError, ModelUnavailable, RankSetupError, ValueError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
     if args.json:
@@ -164,9 +172,10 @@ def command_model_demo(args) -> int:
 
 def command_tiny_demo(args) -> int:
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
+    from helix_ext.parallel.decoder import check_cuda_graphs
     from helix_ext.parallel.demo import DemoSpec, build_report, format_report, run_demo, run_rank
-    from helix_ext.parallel.launch import (RankSetupError, choose_backend, local_world_size, run_under_torchrun,
-                                           torchrun_environment)
+    from helix_ext.parallel.launch import (RankSetupError, backend_uses_gpus, choose_backend, local_world_size,
+                                           run_under_torchrun, torchrun_environment)
     from helix_ext.parallel.models import tiny_deepseek, tiny_llama
 
     make_model = tiny_llama if args.model == "llama" else tiny_deepseek
@@ -174,7 +183,7 @@ def command_tiny_demo(args) -> int:
     try:
         kvp, tpa = layout_from_args(args, model.attention_kv_heads, default=(2, 1 if args.model == "deepseek" else 2))
         helix = HelixConfig(kvp=kvp, tpa=tpa, tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
-                            hopb_chunks=args.hopb_chunks, exchange=args.exchange)
+                            hopb_chunks=args.hopb_chunks, exchange=args.exchange, cuda_graphs=args.cuda_graphs)
         helix.validate_model(model)
     except HelixConfigError as error:
         print(f"invalid Helix config: {error}", file=sys.stderr)
@@ -182,12 +191,12 @@ def command_tiny_demo(args) -> int:
     try:
         launched = torchrun_environment()
         backend = choose_backend(local_world_size(helix.world_size), args.device)
-    except RankSetupError as error:
+        check_cuda_graphs(helix, backend)
+    except (RankSetupError, ValueError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
     # float32 is the CPU's exact-arithmetic default; ranks on GPUs run bf16 (tensor cores).
-    on_gpus = backend == "nccl" or (backend == "threaded" and torch.cuda.is_available())
-    dtype = args.dtype or ("bfloat16" if on_gpus else "float32")
+    dtype = args.dtype or ("bfloat16" if backend_uses_gpus(backend) else "float32")
     model = make_model(dtype=getattr(torch, dtype), expert_format=args.experts, seed=args.seed)
     # Different lengths per sequence, so KV ownership changes hands at different steps.
     lengths = [max(0, args.context - 9 * b) for b in range(args.batch)]
@@ -242,15 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=4, help="tiny models: sequences (default 4)")
     demo.add_argument("--steps", type=int, default=20, help="tiny models: decode steps (default 20)")
     demo.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                      help="tiny models: dtype (default bfloat16 on GPU ranks, float32 on the CPU)")
+                      help="the ranks' dtype (default bfloat16 on GPU ranks, float32 on the CPU); smollm2: "
+                           "transformers' reference runs in it too, and in bf16 the logit tolerance is measured")
     demo.add_argument("--experts", choices=["dense", "nvfp4", "mxfp4"], default="dense",
                       help="deepseek: MoE expert weights")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds any collective may wait")
     demo.add_argument("--device", choices=["auto", "cuda", "cpu", "threads"], default=None,
-                      help="tiny models: where ranks run (default auto: one GPU per rank when the machine has "
+                      help="where ranks run (default auto: one GPU per rank when the machine has "
                            "GPUs, else the CPU; fewer GPUs than ranks is an error unless cpu is asked for; "
                            "threads: every rank a thread of this process, all on GPU 0 if there is one)")
+    demo.add_argument("--cuda-graphs", action="store_true",
+                      help="GPU ranks on NCCL: capture the decode step in a CUDA graph once, replay it every step")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=command_demo)
     kernels = commands.add_parser("kernels", help="the ops alone: an exact merge of sharded attention, timed")

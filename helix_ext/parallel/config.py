@@ -29,6 +29,7 @@ class HelixConfig:
                                  # "fused": peers' partials read in place (symmetric / shared memory)
     hopb_chunks: int = 1         # HOP-B: batch chunks whose exchange overlaps the next's attention (1 = off)
     exchange_timeout_s: float = 60.0  # "fused": a peer silent this long fails the step
+    cuda_graphs: bool = False    # GPU ranks on NCCL: the decode step captured once, then replayed
 
     @property
     def world_size(self) -> int:

@@ -12,6 +12,12 @@ Per layer and decode step:
 HOP-B splits the batch into chunks and starts chunk c's exchange before computing chunk
 c+1's attention; the projections run on the whole batch, so results are the same bits with
 HOP-B on or off.
+
+A step is host bookkeeping in Python ints (the KV cache's ownership and capacity checks) and
+then device work that takes no host value (positions, lengths, slots, RoPE, the exchange's
+epochs all live on the device). With HelixConfig.cuda_graphs the device work is captured in a
+CUDA graph at the second step (the first, eager, warms up: NCCL communicators, cuBLAS handles)
+and replayed from then on; the input tokens go through a static buffer.
 """
 
 from __future__ import annotations
@@ -32,6 +38,18 @@ from helix_ext.parallel.ffn import DenseFfn, ffn_granule
 from helix_ext.parallel.kv_cache import HelixKVCache
 from helix_ext.parallel.models import (ModelConfig, apply_rope, context_block, make_weights, mla_query_and_entry,
                                        rms_norm, rope_inverse_frequencies, swiglu)
+
+
+# Process-group backends whose collectives a CUDA graph can capture ("fake": the GPU dry run).
+CUDA_GRAPH_BACKENDS = ("nccl", "fake")
+
+
+def check_cuda_graphs(config: HelixConfig, backend: str) -> None:
+    """Raise ValueError when config asks for CUDA graphs on ranks that cannot capture them."""
+    if config.cuda_graphs and backend not in CUDA_GRAPH_BACKENDS:
+        raise ValueError(f"cuda_graphs needs ranks on GPUs with one process each (NCCL); these ranks run over "
+                         f"{backend!r} (CPU ranks have no graphs; threaded ranks' collectives run on the host, "
+                         "outside any graph)")
 
 
 class HelixGroups:
@@ -58,6 +76,9 @@ class PhaseTimers:
 
     @contextmanager
     def phase(self, name: str):
+        if self.device.type == "cuda" and runtime().capturing():
+            yield  # inside a CUDA graph capture: the replay is timed whole (phase "graph")
+            return
         if self.device.type == "cuda":
             start_event, end_event = runtime().new_event(timing=True), runtime().new_event(timing=True)
             start_event.record()
@@ -95,6 +116,7 @@ class HelixDecoder:
         sequence, block) -> (keys [n, Hkv, Dk], values [n, Hkv, Dv] or None) of all KV heads
         (default: synthesized), e.g. a prefill's cache; only the blocks this rank owns are asked for."""
         config.validate_model(model)
+        check_cuda_graphs(config, dist.get_backend() if device.type == "cuda" else "cpu")
         if dist.get_world_size() != config.world_size:
             raise ValueError(f"the process group has {dist.get_world_size()} ranks, the Helix config needs "
                              f"kvp x tpa = {config.world_size}")
@@ -124,6 +146,9 @@ class HelixDecoder:
         self.cache.load_context(context_lengths, local_block)
         rope_dim = model.qk_rope_head_dim if model.mla else model.head_dim
         self.rope_inverse = rope_inverse_frequencies(rope_dim, model.rope_theta).to(device)  # set-up: copied once
+        self._warm = False  # the first step runs eagerly, a graph (cuda_graphs) is captured at the second
+        self._graph = self._tokens = self._logits = None
+        self._bytes_per_step = 0
         self.exchange = make_exchange(config.exchange, self.layout.exchange_head_counts(), self.layout.kvp_index,
                                       groups.kvp, max_batch=len(context_lengths), head_dim=dim_v, dtype=model.dtype,
                                       device=device, max_chunks=config.hopb_chunks, timeout_s=config.exchange_timeout_s)
@@ -228,13 +253,36 @@ class HelixDecoder:
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """Decode one token per sequence (tokens [B] at positions[b]): logits [B, vocab] fp32."""
+        """Decode one token per sequence (tokens [B] on the rank's device, at positions[b]):
+        logits [B, vocab] fp32."""
+        self.cache.advance(positions)  # host bookkeeping (ints) and checks, before any device work
+        if self.config.cuda_graphs and self._warm:
+            logits = self._graph_step(tokens)
+        else:
+            logits = self._device_step(tokens)
+            self._warm = True
+        self.exchange.end_step()  # the step's only look at the exchange's device-side error flag
+        return logits
+
+    def _device_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The step's device work: no host value, no host sync, fixed shapes (what a graph captures)."""
         m, w = self.model, self.w
-        slots = self.cache.begin_step(positions)  # positions: host ints for bookkeeping only
+        slots = self.cache.step_slots()
         x = w["embed"][tokens.to(self.device)]  # tokens already on the device: no copy
         for layer in range(m.num_layers):
             x = x + self._attention(layer, x, slots.positions, slots)
             x = x + self._ffn(layer, x)
-        logits = (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
-        self.exchange.end_step()  # the step's only look at the exchange's device-side error flag
-        return logits
+        return (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
+
+    def _graph_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The step as a CUDA graph: captured at the first call, replayed at every call."""
+        sent = self.exchange.bytes_sent  # host counters: the graph does not run Python
+        if self._graph is None:
+            self._tokens = torch.empty_like(tokens, device=self.device)
+            self._graph, self._logits = runtime().capture(lambda: self._device_step(self._tokens))
+            self._bytes_per_step = self.exchange.bytes_sent - sent
+        self._tokens.copy_(tokens)
+        with self.timers.phase("graph"):
+            self._graph.replay()
+        self.exchange.bytes_sent = sent + self._bytes_per_step
+        return self._logits.clone()  # the static output is rewritten by the next replay

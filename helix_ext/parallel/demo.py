@@ -40,7 +40,7 @@ def run_rank(rank: int, backend: str, spec: DemoSpec) -> dict:
     device = rank_device(backend, rank)
     groups = HelixGroups(spec.helix, rank)
     decoder = HelixDecoder(spec.model, spec.helix, rank, groups, spec.context_lengths, spec.steps, device)
-    tokens = spec.first_tokens()
+    tokens = spec.first_tokens().to(device)  # set-up: copied once; the next tokens stay on the device
     positions = list(spec.context_lengths)
     all_tokens, all_logits = [], []
     start = time.perf_counter()
@@ -48,10 +48,11 @@ def run_rank(rank: int, backend: str, spec: DemoSpec) -> dict:
         if spec.die_at_step.get(rank) == step:
             os._exit(3)  # a rank dying mid-run (tests): the others must fail, not hang
         logits = decoder.step(tokens, positions)
-        tokens = logits.argmax(dim=-1).cpu()
+        tokens = logits.argmax(dim=-1)
         all_tokens.append(tokens)
-        all_logits.append(logits.cpu())
+        all_logits.append(logits)
         positions = [p + 1 for p in positions]
+    all_tokens, all_logits = torch.stack(all_tokens).cpu(), torch.stack(all_logits).cpu()  # waits for the device
     result = {
         "rank": rank,
         "tpa_index": decoder.layout.tpa_index,
@@ -65,8 +66,8 @@ def run_rank(rank: int, backend: str, spec: DemoSpec) -> dict:
         "device": str(device),
     }
     if rank == 0:
-        result["tokens"] = torch.stack(all_tokens)
-        result["logits"] = torch.stack(all_logits)
+        result["tokens"] = all_tokens
+        result["logits"] = all_logits
     return result
 
 
@@ -152,14 +153,17 @@ def build_report(spec: DemoSpec, ranks: list[dict], helix_seconds: float) -> dic
 
 
 def format_rank_table(ranks: list[dict]) -> str:
-    """Per rank: its place, KV tokens held, seconds per phase, bytes it sent in the exchange."""
+    """Per rank: its place, KV tokens held, seconds per phase, bytes it sent in the exchange
+    (with CUDA graphs the phases are the first, eager step's and the replays are one column)."""
+    graphs = any("graph" in r["seconds"] for r in ranks)  # CUDA graph replays, timed whole
     lines = [f"{'rank':>4} {'tpa':>3} {'kvp':>3} {'KV tokens':>10} {'attention s':>12} {'exchange s':>11} "
-             f"{'o_proj s':>9} {'ffn s':>8} {'exchanged B':>12}"]
+             f"{'o_proj s':>9} {'ffn s':>8} {'exchanged B':>12}" + (f" {'graph s':>8}" if graphs else "")]
     for r in ranks:
         s = r["seconds"]
         lines.append(f"{r['rank']:>4} {r['tpa_index']:>3} {r['kvp_index']:>3} {r['kv_tokens_held']:>10} "
                      f"{s.get('attention', 0):>12.3f} {s.get('exchange', 0):>11.3f} {s.get('output', 0):>9.3f} "
-                     f"{s.get('ffn', 0):>8.3f} {r['exchange_bytes_sent']:>12}")
+                     f"{s.get('ffn', 0):>8.3f} {r['exchange_bytes_sent']:>12}"
+                     + (f" {s.get('graph', 0):>8.3f}" if graphs else ""))
     return "\n".join(lines)
 
 

@@ -32,6 +32,14 @@ class CudaRuntime:
     def capturing(self) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
+    def capture(self, fn):
+        """(a CUDA graph of fn's device work, fn's outputs: the graph's static outputs, which
+        every replay() rewrites). Errors are per thread (other threads may be in CUDA calls)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = fn()
+        return graph, outputs
+
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
         tensor.record_stream(stream)
 
@@ -81,12 +89,50 @@ class _InertStream:
         self._calls["stream.wait_stream"] += 1
 
 
+class _DryGraph:
+    """A captured step in the dry run: replay() runs the captured function again, traced, and
+    its trace must be the captured one op for op (same ops, shapes, strides, dtypes, Python
+    arguments, and the same tensors from outside the step): what a CUDA graph would replay is
+    then exactly what the step at this point would have done."""
+
+    def __init__(self, layer: "DryRuntime", fn, trace: list):
+        self.layer, self.fn, self.trace = layer, fn, trace
+
+    def replay(self) -> None:
+        self.layer.calls["replay"] += 1
+        trace, _ = self.layer.traced_capture(self.fn)
+        if trace != self.trace:
+            at = next((i for i, (a, b) in enumerate(zip(trace, self.trace)) if a != b), min(len(trace), len(self.trace)))
+            raise self.layer.violation(
+                f"a replay of the captured step would differ from this step ({len(self.trace)} ops captured, "
+                f"{len(trace)} now): op {at} was {self.trace[at] if at < len(self.trace) else None}, is now "
+                f"{trace[at] if at < len(trace) else None} (a host value or a fresh tensor reached the step)")
+
+
 class DryRuntime:
     """The dry run's stand-in: streams and events that do nothing but count their uses (no GPU
-    is there to run them); `calls` tells a test what the step asked for."""
+    is there to run them); `calls` tells a test what the step asked for. Graph capture needs a
+    tracer (the dry run's StepChecker): a capture records the function's op trace, each replay
+    re-runs it and compares."""
 
-    def __init__(self):
+    def __init__(self, tracer=None, violation=AssertionError):
         self.calls: Counter = Counter()
+        self.tracer, self.violation = tracer, violation
+        self._capturing = False
+
+    def traced_capture(self, fn):
+        if self.tracer is None:
+            raise RuntimeError("DryRuntime: graph capture needs a tracer (the dry run's StepChecker)")
+        self._capturing = True
+        try:
+            return self.tracer.trace(fn)
+        finally:
+            self._capturing = False
+
+    def capture(self, fn):
+        self.calls["capture"] += 1
+        trace, outputs = self.traced_capture(fn)
+        return _DryGraph(self, fn, trace), outputs
 
     def new_stream(self, device: torch.device):
         self.calls["new_stream"] += 1
@@ -104,7 +150,7 @@ class DryRuntime:
         return contextlib.nullcontext()
 
     def capturing(self) -> bool:
-        return False
+        return self._capturing
 
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
         self.calls["record_stream"] += 1

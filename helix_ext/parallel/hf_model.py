@@ -165,6 +165,26 @@ class _HelixMlp(torch.nn.Module):
         return self.ffn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
+def model_device(hf_model) -> torch.device:
+    return next(hf_model.parameters()).device
+
+
+def reference_copy(hf_model, device: torch.device, dtype: torch.dtype):
+    """The model (a copy when anything changes) on `device` with its parameters in `dtype`:
+    transformers' bf16 reference is the float32 model's weights rounded once to bf16, as the
+    ranks' are. Buffers keep their dtype, as ``from_pretrained(dtype=...)`` leaves them: a
+    module-wide ``.to(bf16)`` would also round RoPE's inverse frequencies, and at position
+    3,600 that turns the highest frequency's angle by ~7 rad (keys 100% off, measured)."""
+    if model_device(hf_model) == device and next(hf_model.parameters()).dtype == dtype:
+        return hf_model
+    import copy
+
+    model = copy.deepcopy(hf_model).to(device=device)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return model
+
+
 @contextmanager
 def helix_ffn(hf_model, weights: dict, ffn_format: str):
     """Within the block, transformers runs every MLP in `ffn_format` (the runtime's own FFN
@@ -179,7 +199,7 @@ def helix_ffn(hf_model, weights: dict, ffn_format: str):
         for i, layer in enumerate(layers):
             p = f"layers.{i}."
             ffn = DenseFfn.from_full(ffn_format, weights[p + "ffn.gate"], weights[p + "ffn.up"], weights[p + "ffn.down"],
-                                     None, torch.device("cpu"), weights.get(p + "ffn.fp4"))
+                                     None, model_device(hf_model), weights.get(p + "ffn.fp4"))
             layer.mlp = _HelixMlp(originals[i], ffn)
         yield hf_model
     finally:
@@ -257,7 +277,7 @@ def reference_generate(hf_model, prompt_ids: list[int], max_new_tokens: int) -> 
     import time
 
     start = time.perf_counter()
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model_device(hf_model))
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                             do_sample=False, num_beams=1, repetition_penalty=1.0, top_k=None, top_p=None,
                             temperature=None, return_dict_in_generate=True, output_logits=True,
@@ -268,16 +288,26 @@ def reference_generate(hf_model, prompt_ids: list[int], max_new_tokens: int) -> 
         cache = out.past_key_values
     n = len(prompt_ids)
     keys, values = [], []
-    for layer in cache.layers:
-        keys.append(layer.keys[0, :, :n].transpose(0, 1).contiguous())      # [T, Hkv, D]
-        values.append(layer.values[0, :, :n].transpose(0, 1).contiguous())
+    for layer in cache.layers:  # on the host: the ranks are dealt them from there
+        keys.append(layer.keys[0, :, :n].transpose(0, 1).contiguous().cpu())      # [T, Hkv, D]
+        values.append(layer.values[0, :, :n].transpose(0, 1).contiguous().cpu())
     tokens = out.sequences[0, n:].tolist()
-    return Prefilled(tokens, torch.cat(out.logits).float(), keys, values, seconds)
+    return Prefilled(tokens, torch.cat(out.logits).float().cpu(), keys, values, seconds)
+
+
+@torch.no_grad()
+def teacher_forced_logits(hf_model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """The logits [len(tokens), vocab] (fp32, on the host) that predict each of `tokens` after
+    the prompt and the tokens before it: one forward over prompt + tokens[:-1], the last
+    len(tokens) positions kept (what generate's logits are, computed without a KV cache)."""
+    ids = torch.tensor([prompt_ids + tokens[:-1]], device=model_device(hf_model))
+    out = hf_model(ids, attention_mask=torch.ones_like(ids), logits_to_keep=len(tokens))
+    return out.logits[0].float().cpu()
 
 
 @torch.no_grad()
 def perplexity(hf_model, token_ids: list[int]) -> float:
     """exp(mean negative log-likelihood) of each token given the ones before it (one forward)."""
-    ids = torch.tensor([token_ids])
+    ids = torch.tensor([token_ids], device=model_device(hf_model))
     out = hf_model(ids, labels=ids)
     return float(torch.exp(out.loss))

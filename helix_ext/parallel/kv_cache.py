@@ -25,14 +25,14 @@ import torch
 
 @dataclass
 class StepSlots:
-    """Where this step's new tokens go: host list of the sequences this rank owns a token of,
-    and on the device, per sequence, the physical block (the trash block when not owned) and
-    the offset in it."""
+    """Where this step's new tokens go, on the device, per sequence: the physical block (the
+    trash block when not owned) and the offset in it; and, from begin_step, the host list of
+    the sequences this rank owns a token of."""
 
-    sequences: list[int]
     physical: torch.Tensor   # [B] int64
     offset: torch.Tensor     # [B] int64
     positions: torch.Tensor  # [B] int64: this step's positions (RoPE)
+    sequences: list[int] | None = None
 
 
 class HelixKVCache:
@@ -109,17 +109,31 @@ class HelixKVCache:
     def begin_step(self, positions: list[int]) -> StepSlots:
         """The slots of this step's tokens (one per sequence, at `positions`, which must follow
         the previous step's); the tokens this rank owns count as held from here on (each attends
-        to itself). Host work is bookkeeping in ints; the device tensors are updated on the device."""
+        to itself). advance() (host) then step_slots() (device)."""
+        sequences = self.advance(positions)
+        slots = self.step_slots()
+        slots.sequences = sequences
+        return slots
+
+    def advance(self, positions: list[int]) -> list[int]:
+        """The step's host bookkeeping, in ints: checks `positions` follow the previous step's
+        and fit the capacity, then counts the owned tokens as held. Returns the sequences this
+        rank owns a token of. A CUDA graph replays step_slots(); this runs before each replay."""
         if self._next_positions is not None and list(positions) != self._next_positions:
             raise ValueError(f"HelixKVCache: a step must decode the positions after the previous ones "
                              f"({self._next_positions}), got {list(positions)}")
         sequences = [b for b, position in enumerate(positions) if self.owns(position)]
         for b in sequences:
             self._slot(b, positions[b])  # the capacity check, before anything changes
-        # From here on host and device advance together, whatever happens later in the step.
         for b in sequences:
             self._lengths[b] += 1
         self._next_positions = [p + 1 for p in positions]
+        return sequences
+
+    def step_slots(self) -> StepSlots:
+        """The step's device work, no host value in it (a CUDA graph captures it once): this
+        step's positions, then positions and seq_lens advance for the next; where each token
+        goes (owned ones in their slots, the others in the trash block)."""
         step_positions = self.positions.clone()
         self.positions += 1
         blocks = torch.div(step_positions, self.block_size, rounding_mode="floor")
@@ -128,7 +142,7 @@ class HelixKVCache:
         local = torch.div(blocks, self.kvp, rounding_mode="floor").clamp(max=self.max_blocks - 1)
         mapped = self.block_table.gather(1, local.unsqueeze(1)).squeeze(1).to(torch.int64)
         physical = torch.where(owned, mapped, torch.full_like(mapped, self.trash_block))
-        return StepSlots(sequences, physical, torch.remainder(step_positions, self.block_size), step_positions)
+        return StepSlots(physical, torch.remainder(step_positions, self.block_size), step_positions)
 
     def write(self, layer: int, slots: StepSlots, keys: torch.Tensor, values: torch.Tensor | None) -> None:
         """Store this step's entries (keys [B, H, Dk], values [B, H, Dv]): owned tokens in their

@@ -63,6 +63,11 @@ def choose_backend(local_ranks: int, device: str | None = None) -> str:
     return "nccl"
 
 
+def backend_uses_gpus(backend: str) -> bool:
+    """Whether ranks on `backend` run on GPUs: NCCL, or threads on a machine with a GPU."""
+    return backend == "nccl" or (backend == THREADED and torch.cuda.is_available())
+
+
 def local_world_size(world_size: int) -> int:
     """Ranks on this machine: LOCAL_WORLD_SIZE under torchrun, else all of them."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))

@@ -18,23 +18,25 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from helix_ext.parallel.config import HelixConfig
-from helix_ext.parallel.decoder import HelixDecoder, HelixGroups
+from helix_ext.parallel.decoder import HelixDecoder, HelixGroups, check_cuda_graphs
 from helix_ext.parallel.demo import format_rank_table
-from helix_ext.parallel.launch import rank_device, spawn
+from helix_ext.parallel.launch import backend_uses_gpus, choose_backend, local_rank, rank_device, spawn
 from helix_ext.parallel.models import ModelConfig
 
-# How far the runtime's logits may lie from transformers' (SmolLM2's logits reach ~40):
+# How far the runtime's logits may lie from transformers' when both run in float32 (SmolLM2's
+# logits reach ~40):
 #  "none": fp32 noise only (other summation orders in sharded matmuls, all-reduces, flash_decode
 #          vs SDPA); measured 4e-5 on short prompts, 1.3e-4 on the 3.6K-token demo prompt.
 #  FP4/bf16 FFN: fp4_grouped_gemm returns bf16, so each TP rank's partial FFN output is rounded
 #          to bf16 before the all-reduce, where the single-rank reference rounds the whole sum
 #          once: measured 0.3-0.5 at TP = 2-3. Tokens may then differ only at a near-tie (the
 #          reference's margin between the two tokens within the tolerance).
+# In bf16 (GPU ranks) the tolerance is measured on every run instead (see measured_tolerance).
 LOGIT_TOLERANCE = {"none": 1e-3, "fp4": 1.0}
 
 
@@ -42,16 +44,18 @@ def logit_tolerance(ffn_format: str) -> float:
     return LOGIT_TOLERANCE["none" if ffn_format == "none" else "fp4"]
 
 
-# The model runs in float32 as transformers does; flash_decode's CUDA kernel takes bf16/fp16
-# queries only, so the ranks run on the CPU (gloo) even where GPUs are present.
-MODEL_BACKEND = "gloo"
+def measured_tolerance(bf16_noise: float) -> float:
+    """The bound on |Helix - transformers| logits when both run in bf16: each lies within the
+    bf16 noise of the exact (fp32) logits, noise measured as transformers' own bf16-vs-fp32
+    distance on the same tokens, so the two lie within twice that of each other."""
+    return 2.0 * bf16_noise
 
 
 @dataclass
 class ModelRun:
-    model: ModelConfig
+    model: ModelConfig            # dtype: the ranks' (float32 on the CPU, bfloat16 on GPUs)
     helix: HelixConfig
-    weights: dict
+    weights: dict                 # float32, on the host (shared with spawned ranks, cast by each)
     keys: list[torch.Tensor]      # per layer [T, Hkv, D]: the prompt's KV from the prefill
     values: list[torch.Tensor]
     first_token: int
@@ -71,14 +75,21 @@ def run_model_rank(rank: int, backend: str, run: ModelRun) -> dict:
 
     decoder = HelixDecoder(run.model, run.helix, rank, groups, [prompt_tokens], run.max_new_tokens, device,
                            weights=run.weights, context=prefill_block)
-    tokens, logits = [run.first_token], []
-    position = prompt_tokens
+    # Greedy decoding that never waits for the device: the next token stays there (argmax of
+    # the step's logits), every step runs (an EOS is cut after the run), and the tokens and
+    # logits are read once at the end.
+    token = torch.tensor([run.first_token], device=device)  # set-up: copied once
+    tokens, logits = [], []
     start = time.perf_counter()
-    while len(tokens) < run.max_new_tokens and tokens[-1] != run.eos_token_id:
-        step_logits = decoder.step(torch.tensor([tokens[-1]]), [position])[0].cpu()
+    for step in range(run.max_new_tokens - 1):
+        step_logits = decoder.step(token, [prompt_tokens + step])[0]
+        token = step_logits.argmax(dim=-1, keepdim=True)
+        tokens.append(token)
         logits.append(step_logits)
-        tokens.append(int(step_logits.argmax()))
-        position += 1
+    generated = [run.first_token] + (torch.cat(tokens).tolist() if tokens else [])  # waits for the device
+    decode_seconds = time.perf_counter() - start
+    if run.eos_token_id in generated:  # as generate stops: the EOS is the last token
+        generated = generated[:generated.index(run.eos_token_id) + 1]
     result = {
         "rank": rank,
         "tpa_index": decoder.layout.tpa_index,
@@ -88,12 +99,13 @@ def run_model_rank(rank: int, backend: str, run: ModelRun) -> dict:
         "kv_tokens_held": sum(decoder.cache.tokens_held()),
         "seconds": dict(decoder.timers.seconds),
         "exchange_bytes_sent": decoder.exchange.bytes_sent,
-        "decode_seconds": time.perf_counter() - start,
+        "decode_seconds": decode_seconds,
         "device": str(device),
     }
     if rank == 0:
-        result["tokens"] = tokens
-        result["logits"] = torch.stack(logits) if logits else torch.empty(0, run.model.vocab_size)
+        result["tokens"] = generated
+        kept = logits[:len(generated) - 1]
+        result["logits"] = (torch.stack(kept).float().cpu() if kept else torch.empty(0, run.model.vocab_size))
     return result
 
 
@@ -107,14 +119,19 @@ def agreeing_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
-def prepare(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: HelixConfig, verbose: bool = False):
-    """Load the model, run transformers' reference (with the same FFN format), and build the
-    ranks' work. Returns (run, context dict for the report)."""
+def prepare(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: HelixConfig, verbose: bool = False,
+            dtype: torch.dtype = torch.float32, device: torch.device | None = None):
+    """Load the model, run transformers' reference (with the same FFN format, in `dtype` on
+    `device`: float32 on the CPU, or bf16 on a GPU), and build the ranks' work (in `dtype`).
+    In bf16 the reference's noise is measured too: the float32 model's logits on the bf16
+    reference's tokens (teacher forced), against the bf16 ones. Returns (run, context dict
+    for the report)."""
     from helix_ext.parallel import hf_model
 
+    device = device or torch.device("cpu")
     started = time.perf_counter()
     model, tokenizer = hf_model.load_model(verbose=verbose)
-    config = hf_model.model_config(model.config, ffn_format)
+    config = replace(hf_model.model_config(model.config, ffn_format), dtype=dtype)
     helix.validate(config.num_q_heads, config.num_kv_heads, moe=False)
     user_text = prompt if prompt is not None else hf_model.needle_prompt()
     ids = hf_model.chat_ids(tokenizer, user_text)
@@ -123,19 +140,34 @@ def prepare(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: Hel
                          f"{model.config.max_position_embeddings}-token context")
     load_seconds = time.perf_counter() - started
     weights = hf_model.helix_weights(model, ffn_format)
+    reference_model = hf_model.reference_copy(model, device, dtype)
     if verbose:
-        print(f"{config.name}: prompt of {len(ids)} tokens; transformers generates the reference "
-              f"(its prefill also makes the KV the ranks are dealt)...", flush=True)
-    with hf_model.helix_ffn(model, weights, ffn_format):
-        reference = hf_model.reference_generate(model, ids, max_new_tokens)
+        print(f"{config.name}: prompt of {len(ids)} tokens; transformers generates the reference in {dtype} on "
+              f"{device} (its prefill also makes the KV the ranks are dealt)...", flush=True)
+    with hf_model.helix_ffn(reference_model, weights, ffn_format):
+        reference = hf_model.reference_generate(reference_model, ids, max_new_tokens)
     context = {"tokenizer": tokenizer, "prompt_ids": ids, "reference": reference, "load_seconds": load_seconds,
-               "user_text": user_text, "unquantized_tokens": None}
+               "user_text": user_text, "unquantized_tokens": None, "bf16_noise": None,
+               "reference_device": str(device)}
+    if dtype != torch.float32:
+        exact_model = hf_model.reference_copy(model, device, torch.float32)
+        with hf_model.helix_ffn(exact_model, weights, ffn_format):
+            exact = hf_model.teacher_forced_logits(exact_model, ids, reference.tokens)
+        context["bf16_noise"] = float((reference.logits - exact).abs().max())
+        del exact_model
     if ffn_format != "none":  # how far the FFN format's greedy text follows the unquantized model's
-        context["unquantized_tokens"] = hf_model.reference_generate(model, ids, max_new_tokens).tokens
+        context["unquantized_tokens"] = hf_model.reference_generate(reference_model, ids, max_new_tokens).tokens
+    del reference_model
     run = ModelRun(model=config, helix=helix, weights=weights, keys=reference.keys, values=reference.values,
                    first_token=reference.tokens[0], max_new_tokens=max_new_tokens,
                    eos_token_id=tokenizer.eos_token_id)
     return run, context
+
+
+def top2_margins(logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the gap between the largest and the second largest logit."""
+    top = logits.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
 
 
 def compare(run: ModelRun, context: dict, ranks: list[dict], helix_seconds: float) -> dict:
@@ -149,15 +181,19 @@ def compare(run: ModelRun, context: dict, ranks: list[dict], helix_seconds: floa
     diffs = (logits[:steps] - reference.logits[1:steps + 1]).abs().amax(dim=-1)
     max_abs_diff = float(diffs.max()) if steps else 0.0
     logits_finite = bool(torch.isfinite(logits).all())
-    tolerance = logit_tolerance(run.model.ffn_format)
+    noise = context["bf16_noise"]
+    tolerance = logit_tolerance(run.model.ffn_format) if noise is None else measured_tolerance(noise)
     logits_match = logits_finite and max_abs_diff <= tolerance
     near_tie, margin = False, None
     if not tokens_match and agreeing < min(len(tokens), len(reference.tokens)):
         chosen, expected = tokens[agreeing], reference.tokens[agreeing]
         margin = float(reference.logits[agreeing][expected] - reference.logits[agreeing][chosen])
         near_tie = margin <= tolerance
-    exact = run.model.ffn_format == "none"
+    # fp32 with the plain FFN is exact up to summation order: every token must agree. Otherwise
+    # tokens agree until the reference's top-2 margin falls within the tolerance (a near-tie).
+    exact = run.model.ffn_format == "none" and run.model.dtype == torch.float32
     matches = logits_match and (tokens_match or (near_tie and not exact))
+    margins = top2_margins(reference.logits[1:len(reference.tokens)])
     report = {
         "model": run.model.name,
         "ffn_format": run.model.ffn_format,
@@ -175,6 +211,14 @@ def compare(run: ModelRun, context: dict, ranks: list[dict], helix_seconds: floa
         "logits_finite": logits_finite,
         "max_abs_logit_diff": max_abs_diff,
         "logit_tolerance": tolerance,
+        "dtype": str(run.model.dtype).removeprefix("torch."),
+        "bf16_noise": noise,
+        "tolerance_source": ("constant: fp32 summation-order noise" if noise is None else
+                             "measured: 2 x transformers' bf16-vs-fp32 logit distance on its own tokens"),
+        "reference_device": context["reference_device"],
+        "min_top2_margin": float(margins.min()) if margins.numel() else None,
+        "first_near_tie_step": (int((margins <= tolerance).nonzero()[0, 0]) + 1
+                                if bool((margins <= tolerance).any()) else None),
         "world_size": run.helix.world_size,
         "kvp": run.helix.kvp,
         "tpa": run.helix.tpa,
@@ -195,13 +239,31 @@ def compare(run: ModelRun, context: dict, ranks: list[dict], helix_seconds: floa
     return report
 
 
+def model_precision(backend: str, dtype: torch.dtype | None = None, rank: int = 0) -> tuple[torch.dtype, torch.device]:
+    """(the ranks' dtype, the reference's device) for ranks on `backend`: bf16 and the rank's
+    GPU (GPU 0 for spawned or threaded ranks) when the ranks run on GPUs (flash_decode's CUDA
+    kernel takes bf16/fp16), else float32 on the CPU, as transformers' own default; `dtype`
+    overrides the dtype (bf16 CPU ranks measure the bf16 path without a GPU)."""
+    if backend_uses_gpus(backend):
+        index = local_rank(rank) if backend == "nccl" else 0
+        return dtype or torch.bfloat16, torch.device("cuda", index)
+    return dtype or torch.float32, torch.device("cpu")
+
+
 def run_model_demo(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: HelixConfig,
-                   timeout_s: float = 600.0, verbose: bool = False) -> dict:
-    run, context = prepare(prompt, max_new_tokens, ffn_format, helix, verbose)
+                   timeout_s: float = 600.0, verbose: bool = False, device: str | None = None,
+                   dtype: torch.dtype | None = None) -> dict:
+    """The main job on spawned (or threaded) ranks: device as launch.choose_backend takes it
+    (GPUs when the machine has them, else the CPU)."""
+    backend = choose_backend(helix.world_size, device)
+    check_cuda_graphs(helix, backend)
+    dtype, reference_device = model_precision(backend, dtype)
+    run, context = prepare(prompt, max_new_tokens, ffn_format, helix, verbose, dtype, reference_device)
     if verbose:
-        print(f"decoding under Helix on {helix.world_size} ranks (kvp={helix.kvp} x tpa={helix.tpa})...", flush=True)
+        print(f"decoding under Helix on {helix.world_size} ranks (kvp={helix.kvp} x tpa={helix.tpa}, {backend}, "
+              f"{dtype})...", flush=True)
     started = time.perf_counter()
-    ranks = spawn(run_model_rank, helix.world_size, (run,), backend=MODEL_BACKEND, timeout_s=timeout_s)
+    ranks = spawn(run_model_rank, helix.world_size, (run,), backend=backend, timeout_s=timeout_s)
     return compare(run, context, ranks, time.perf_counter() - started)
 
 
@@ -222,7 +284,13 @@ def format_model_report(report: dict) -> str:
         f"DIFFERENT after {report['tokens_agreeing']} tokens (transformers' margin there "
         f"{report['divergence_margin']:.3g}: {'a near-tie' if report['divergence_is_near_tie'] else 'not a near-tie'})")
     lines.append(f"{verdict}; max |logit diff| {report['max_abs_logit_diff']:.2e} over {report['decode_steps']} steps "
-                 f"(tolerance {report['logit_tolerance']:g}); {'MATCH' if report['matches_reference'] else 'MISMATCH'}")
+                 f"(tolerance {report['logit_tolerance']:.3g}, {report['tolerance_source']}); "
+                 f"{'MATCH' if report['matches_reference'] else 'MISMATCH'}")
+    if report["bf16_noise"] is not None:
+        near_tie = report["first_near_tie_step"]
+        lines.append(f"{report['dtype']}: transformers' bf16 noise {report['bf16_noise']:.3g} (max |bf16 - fp32 logit| "
+                     f"on {report['reference_device']}); its smallest top-2 margin {report['min_top2_margin']:.3g}, "
+                     + ("no near-tie" if near_tie is None else f"first within the tolerance at token {near_tie}"))
     lines.append(f"(load {report['load_seconds']:.1f} s, transformers generate {report['reference_seconds']:.1f} s, "
                  f"Helix ranks {report['helix_wall_seconds']:.1f} s wall incl. start-up)")
     return "\n".join(lines)

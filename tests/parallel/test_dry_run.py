@@ -94,3 +94,72 @@ def test_a_host_to_device_copy_inside_a_step_is_caught(monkeypatch):
     monkeypatch.setattr(HelixDecoder, "_attention", attention_with_host_positions)
     with pytest.raises(DryRunViolation, match=r"on cpu inside a decode step"):
         dry_run_rank(tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4), 0, LENGTHS)
+
+
+# ---------------------------------------------------------------------------- CUDA graphs
+GRAPH_STEPS = 7  # an eager step, the capture, replays; blocks of 4 change owners in between
+
+
+@pytest.mark.parametrize("model, helix", [
+    (tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4, hopb_chunks=3, cuda_graphs=True)),
+    (tiny_llama(dtype=torch.bfloat16),
+     HelixConfig(kvp=2, tpa=2, tokens_per_block=4, hopb_chunks=2, exchange="fused", cuda_graphs=True)),
+    (tiny_deepseek(dtype=torch.bfloat16, expert_format="nvfp4"),
+     HelixConfig(kvp=4, tpa=1, tpf=2, ep=2, tokens_per_block=4, hopb_chunks=2, exchange="fused", cuda_graphs=True)),
+], ids=["llama-2x2-hopb3", "llama-2x2-fused", "deepseek-nvfp4-kvp4-ep2-fused"])
+def test_the_step_is_captured_once_and_every_replay_is_the_captured_step(model, helix):
+    for report in dry_run(model, helix, LENGTHS, steps=GRAPH_STEPS):
+        calls = report.device_calls
+        assert calls["capture"] == 1 and calls["replay"] == GRAPH_STEPS - 1
+        assert calls.get("event.synchronize", 0) == 0
+        if helix.exchange == "fused":
+            assert calls["read_flag"] == GRAPH_STEPS  # still once per step, after each replay
+
+
+def test_smollm2_step_is_capturable():
+    helix = HelixConfig(kvp=2, tpa=3, tokens_per_block=16, hopb_chunks=2, exchange="fused", cuda_graphs=True)
+    report = dry_run_rank(smollm2_shape(), helix, 4, [403, 130], steps=3)
+    assert report.device_calls["capture"] == 1 and report.device_calls["replay"] == 2
+
+
+def test_a_host_value_in_the_captured_step_is_caught(monkeypatch):
+    # A kernel argument computed from host state that changes every step (the next position):
+    # a graph would replay the value it captured.
+    from helix_ext.parallel.kv_cache import HelixKVCache
+
+    original = HelixKVCache.step_slots
+
+    def slots_with_a_host_value(self):
+        slots = original(self)
+        slots.offset = slots.offset + torch.full_like(slots.offset, self._next_positions[0]) * 0  # adds 0
+        return slots
+
+    monkeypatch.setattr(HelixKVCache, "step_slots", slots_with_a_host_value)
+    helix = HelixConfig(kvp=2, tpa=2, tokens_per_block=4, cuda_graphs=True)
+    with pytest.raises(DryRunViolation, match=r"a replay of the captured step would differ"):
+        dry_run_rank(tiny_llama(dtype=torch.bfloat16), helix, 0, LENGTHS, steps=4)
+    # The same step without graphs is fine: eager steps may differ from one another.
+    dry_run_rank(tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4), 0, LENGTHS, steps=4)
+
+
+def test_a_tensor_rebound_every_step_is_caught(monkeypatch):
+    # positions advanced out of place: each step reads a new tensor the previous one made, and
+    # a graph would keep reading the one it captured.
+    from helix_ext.parallel.kv_cache import HelixKVCache, StepSlots
+
+    def slots_rebinding_positions(self):
+        step_positions = self.positions
+        self.positions = self.positions + 1
+        return StepSlots(torch.zeros_like(step_positions), torch.remainder(step_positions, self.block_size),
+                         step_positions)
+
+    monkeypatch.setattr(HelixKVCache, "step_slots", slots_rebinding_positions)
+    helix = HelixConfig(kvp=2, tpa=2, tokens_per_block=4, cuda_graphs=True)
+    with pytest.raises(DryRunViolation, match=r"a replay of the captured step would differ"):
+        dry_run_rank(tiny_llama(dtype=torch.bfloat16), helix, 0, LENGTHS, steps=4)
+
+
+def test_cuda_graphs_need_gpu_ranks():
+    helix = HelixConfig(kvp=2, tpa=2, tokens_per_block=4, cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"cuda_graphs needs ranks on GPUs"):
+        dry_run_rank(tiny_llama(), helix, 0, LENGTHS, device=torch.device("cpu"))

@@ -120,6 +120,7 @@ def test_gpu_phase_timers_record_events_and_never_synchronize_inside_a_step(monk
 
     monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)  # what the device layer's CudaRuntime makes
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     FakeEvent.clock, FakeEvent.log = 0.0, []
     timers = PhaseTimers(torch.device("cuda", 0))
     for _ in range(3):
@@ -133,9 +134,54 @@ def test_gpu_phase_timers_record_events_and_never_synchronize_inside_a_step(monk
     assert timers.seconds == seconds  # read once; a second read adds nothing
 
 
+def test_gpu_phase_timers_record_nothing_while_a_graph_is_captured(monkeypatch):
+    # Inside a capture an event would become part of the graph and its time meaningless: the
+    # decoder times each replay whole instead (phase "graph").
+    from helix_ext.parallel.decoder import PhaseTimers
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    FakeEvent.clock, FakeEvent.log = 0.0, []
+    timers = PhaseTimers(torch.device("cuda", 0))
+    with timers.phase("attention"):
+        FakeEvent.clock += 2.0
+    assert FakeEvent.log == [] and timers.seconds == {}
+
+
 def test_threads_are_refused_under_torchrun(monkeypatch):
     Recorder(monkeypatch, gpus=1)
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
     with pytest.raises(launch.RankSetupError, match=r"threads run every rank in one process: not under torchrun"):
         launch.run_under_torchrun(lambda rank, backend: None, 2, device="threads")
+
+
+@pytest.mark.parametrize("gpus, device, expected", [
+    (6, None, ("nccl", torch.bfloat16, torch.device("cuda", 0))),     # GPUs: NCCL ranks, bf16, reference on GPU 0
+    (0, None, ("gloo", torch.float32, torch.device("cpu"))),          # none: the CPU in fp32, as before
+    (6, "cpu", ("gloo", torch.float32, torch.device("cpu"))),         # asked for the CPU
+])
+def test_the_main_job_runs_its_ranks_where_the_machine_allows(monkeypatch, gpus, device, expected):
+    # The SmolLM2 job used gloo and the CPU even on a GPU machine. Recorded, not run: the
+    # backend spawn gets, and the dtype and device the reference and ranks are prepared in.
+    from helix_ext.parallel import model_demo
+    from helix_ext.parallel.config import HelixConfig
+
+    fake_gpus(monkeypatch, gpus)
+    monkeypatch.delenv("HELIX_RANK_DEVICE", raising=False)
+    seen = {}
+
+    def prepare(prompt, max_new_tokens, ffn_format, helix, verbose, dtype, reference_device):
+        seen.update(dtype=dtype, reference_device=reference_device)
+        return "run", "context"
+
+    def spawn(fn, world_size, args, backend, timeout_s):
+        seen.update(backend=backend, world_size=world_size)
+        return ["ranks"]
+
+    monkeypatch.setattr(model_demo, "prepare", prepare)
+    monkeypatch.setattr(model_demo, "spawn", spawn)
+    monkeypatch.setattr(model_demo, "compare", lambda run, context, ranks, seconds: "report")
+    helix = HelixConfig(kvp=2, tpa=3)
+    assert model_demo.run_model_demo(None, 4, "none", helix, device=device) == "report"
+    assert (seen["backend"], seen["dtype"], seen["reference_device"]) == expected and seen["world_size"] == 6

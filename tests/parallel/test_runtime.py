@@ -112,3 +112,12 @@ def test_demo_command_refuses_fp4_experts_not_in_whole_blocks_before_starting_ra
                           "--kvp", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "invalid Helix config: nvfp4 experts: the FFN dim (64) is 4 blocks of 16" in run.stderr
+
+
+@pytest.mark.parametrize("model", ["llama", "smollm2"])
+def test_demo_command_refuses_cuda_graphs_on_cpu_ranks(model):
+    # Before any rank starts (and before SmolLM2 loads): CPU ranks have no graphs to capture.
+    run = subprocess.run([sys.executable, "-m", "helix_ext", "demo", "--model", model, "--kvp", "2", "--tpa", "1",
+                          "--cuda-graphs", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "cuda_graphs needs ranks on GPUs with one process each (NCCL); these ranks run over 'gloo'" in run.stderr

@@ -45,12 +45,14 @@ TOKENS_PER_BLOCK = 8
 NEW_TOKENS = 16
 
 
-def _run(kvp: int, tpa: int, ffn_format: str = "none", hopb_chunks: int = 2, exchange: str = "nccl") -> dict:
+def _run(kvp: int, tpa: int, ffn_format: str = "none", hopb_chunks: int = 2, exchange: str = "nccl",
+         dtype: torch.dtype | None = None) -> dict:
     from helix_ext.parallel.model_demo import run_model_demo
 
     helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=TOKENS_PER_BLOCK, hopb_chunks=hopb_chunks,
                         exchange=exchange)
-    return run_model_demo(hf_model.needle_prompt(PROMPT_CHARACTERS), NEW_TOKENS, ffn_format, helix, timeout_s=300)
+    return run_model_demo(hf_model.needle_prompt(PROMPT_CHARACTERS), NEW_TOKENS, ffn_format, helix, timeout_s=300,
+                          dtype=dtype)
 
 
 @pytest.mark.parametrize("kvp,tpa", [(1, 1), (2, 1), (3, 1), pytest.param(4, 1, marks=pytest.mark.slow), (1, 3),
@@ -70,6 +72,47 @@ def test_helix_generation_is_token_identical_to_transformers(smollm2, kvp, tpa):
     total = report["prompt_tokens"] + report["decode_steps"]
     assert sum(held) == tpa * total  # every TPA group holds the whole sequence once, spread over its KVP ranks
     assert max(held) - min(held) <= TOKENS_PER_BLOCK
+
+
+@pytest.mark.parametrize("ffn_format", ["none", pytest.param("nvfp4", marks=pytest.mark.slow)])
+def test_bf16_ranks_match_transformers_in_bf16_within_its_measured_noise(smollm2, ffn_format):
+    # What GPU ranks run (bf16 ranks, NCCL there) against transformers in bf16, on CPU ranks:
+    # the tolerance is measured in the run (transformers' bf16-vs-fp32 distance), not given.
+    report = _run(2, 3, ffn_format, dtype=torch.bfloat16)
+    summary = {k: v for k, v in report.items() if k not in ("ranks", "generated_tokens", "reference_tokens")}
+    assert report["dtype"] == "bfloat16" and report["reference_device"] == "cpu"
+    assert 0 < report["bf16_noise"] < 5, summary  # bf16 rounding moves SmolLM2's logits by O(0.1-1)
+    assert report["logit_tolerance"] == 2 * report["bf16_noise"]
+    assert report["matches_reference"] and report["logits_finite"], summary
+    assert report["max_abs_logit_diff"] <= report["logit_tolerance"]
+    # Tokens agree at least up to the reference's first near-tie (top-2 margin within the tolerance).
+    near_tie = report["first_near_tie_step"]
+    assert report["tokens_match"] or (near_tie is not None and report["tokens_agreeing"] >= near_tie), summary
+
+
+def test_the_bf16_reference_rounds_the_weights_not_ropes_frequencies(smollm2):
+    # A module-wide .to(bf16) also rounds the rotary inv_freq buffer: transformers' bf16 keys at
+    # position 3,600 then lay ~100% off the fp32 ones and Helix (exact RoPE on its new tokens)
+    # was 10x farther from fp32 than the reference. from_pretrained(dtype=bf16) keeps it fp32.
+    model, _ = smollm2
+    copy = hf_model.reference_copy(model, torch.device("cpu"), torch.bfloat16)
+    assert copy is not model and all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    buffers = dict(copy.named_buffers())
+    assert any("inv_freq" in name for name in buffers)
+    assert all(b.dtype == torch.float32 for name, b in buffers.items() if "inv_freq" in name)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is untouched
+    assert hf_model.reference_copy(model, torch.device("cpu"), torch.float32) is model
+
+
+def test_model_precision_follows_where_the_ranks_run():
+    from helix_ext.parallel.model_demo import model_precision
+
+    assert model_precision("gloo") == (torch.float32, torch.device("cpu"))
+    assert model_precision("gloo", torch.bfloat16) == (torch.bfloat16, torch.device("cpu"))
+    assert model_precision("nccl", rank=3) == (torch.bfloat16, torch.device("cuda", 3))  # LOCAL_RANK, else the rank
+    threaded = (torch.bfloat16, torch.device("cuda", 0)) if torch.cuda.is_available() else (torch.float32,
+                                                                                          torch.device("cpu"))
+    assert model_precision("threaded") == threaded
 
 
 @pytest.mark.slow
