@@ -28,7 +28,7 @@ class HelixConfig:
     exchange: str = "nccl"       # "nccl": torch.distributed all-to-all (NCCL on GPUs, gloo on CPU);
                                  # "fused": peers' partials read in place (symmetric / shared memory)
     hopb_chunks: int = 1         # HOP-B: batch chunks whose exchange overlaps the next's attention (1 = off)
-    exchange_timeout_s: float = 60.0  # "fused": a peer silent this long fails the step
+    exchange_timeout_s: float = 60.0  # a peer silent this long fails the step ("fused"; any step with cuda_graphs)
     cuda_graphs: bool = False    # GPU ranks on NCCL: the decode step captured once, then replayed
 
     @property

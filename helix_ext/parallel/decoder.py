@@ -146,9 +146,10 @@ class HelixDecoder:
         self.cache.load_context(context_lengths, local_block)
         rope_dim = model.qk_rope_head_dim if model.mla else model.head_dim
         self.rope_inverse = rope_inverse_frequencies(rope_dim, model.rope_theta).to(device)  # set-up: copied once
-        self._warm = False  # the first step runs eagerly, a graph (cuda_graphs) is captured at the second
-        self._graph = self._tokens = self._logits = None
+        # cuda_graphs: the first step runs eagerly on the capture stream, the second is captured.
+        self._graph_stream = self._graph = self._tokens = self._logits = None
         self._bytes_per_step = 0
+        self._replays: list = []  # events of the replays in flight (at most two)
         self.exchange = make_exchange(config.exchange, self.layout.exchange_head_counts(), self.layout.kvp_index,
                                       groups.kvp, max_batch=len(context_lengths), head_dim=dim_v, dtype=model.dtype,
                                       device=device, max_chunks=config.hopb_chunks, timeout_s=config.exchange_timeout_s)
@@ -256,11 +257,12 @@ class HelixDecoder:
         """Decode one token per sequence (tokens [B] on the rank's device, at positions[b]):
         logits [B, vocab] fp32."""
         self.cache.advance(positions)  # host bookkeeping (ints) and checks, before any device work
-        if self.config.cuda_graphs and self._warm:
-            logits = self._graph_step(tokens)
-        else:
+        if not self.config.cuda_graphs:
             logits = self._device_step(tokens)
-            self._warm = True
+        elif self._graph_stream is None:
+            logits = self._warm_up(tokens)
+        else:
+            logits = self._graph_step(tokens)
         self.exchange.end_step()  # the step's only look at the exchange's device-side error flag
         return logits
 
@@ -274,15 +276,40 @@ class HelixDecoder:
             x = x + self._ffn(layer, x)
         return (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
 
+    def _warm_up(self, tokens: torch.Tensor) -> torch.Tensor:
+        """With cuda_graphs, the first step: eager, on the stream the graph will be captured on,
+        so what is made lazily (NCCL communicators, cuBLAS handles and workspaces) is made
+        there before the capture, not inside it."""
+        layer = runtime()
+        stream, current = layer.new_stream(self.device), layer.current_stream(self.device)
+        stream.wait_stream(current)
+        with layer.use_stream(stream):
+            logits = self._device_step(tokens)
+        current.wait_stream(stream)
+        layer.record_stream(logits, current)
+        self._graph_stream = stream
+        return logits
+
     def _graph_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The step as a CUDA graph: captured at the first call, replayed at every call."""
+        """The step as a CUDA graph: captured at the first call, replayed at every call. Captured
+        collectives are outside NCCL's watchdog, so the host bounds its wait itself: each step
+        first waits (polling, at most exchange_timeout_s) for the replay two steps back (at most
+        two are in flight), and fails instead of hanging on a stalled peer."""
+        layer = runtime()
         sent = self.exchange.bytes_sent  # host counters: the graph does not run Python
         if self._graph is None:
             self._tokens = torch.empty_like(tokens, device=self.device)
-            self._graph, self._logits = runtime().capture(lambda: self._device_step(self._tokens))
+            self._graph, self._logits = layer.capture(lambda: self._device_step(self._tokens), self._graph_stream)
             self._bytes_per_step = self.exchange.bytes_sent - sent
+        if len(self._replays) == 2 and not layer.wait_event(self._replays.pop(0), self.config.exchange_timeout_s):
+            raise RuntimeError(f"HelixDecoder: a replayed decode step did not finish within "
+                               f"{self.config.exchange_timeout_s} s (a peer stalled in a collective: captured "
+                               "collectives are outside NCCL's watchdog)")
         self._tokens.copy_(tokens)
         with self.timers.phase("graph"):
             self._graph.replay()
+        done = layer.new_event()
+        done.record()
+        self._replays.append(done)
         self.exchange.bytes_sent = sent + self._bytes_per_step
         return self._logits.clone()  # the static output is rewritten by the next replay

@@ -58,10 +58,11 @@ class StepChecker(TorchDispatchMode):
         self._trace: list | None = None   # while tracing: one signature per op
         self._made: dict[int, int] = {}  # while tracing: storages the traced ops made -> their number
         self._count = 0
+        self.outside: list[torch.Tensor] = []  # the last trace's tensors from outside the step
 
     def trace(self, fn):
         """(the op trace of fn(), fn's result): see _signature."""
-        self._trace, self._made, self._count = [], {}, 0
+        self._trace, self._made, self._count, self.outside = [], {}, 0, []
         try:
             result = fn()
             return self._trace, result
@@ -74,6 +75,8 @@ class StepChecker(TorchDispatchMode):
         geometry, dtype and device; Python values as they are."""
         if isinstance(value, torch.Tensor):
             key = value.untyped_storage()._cdata
+            if key not in self._made:
+                self.outside.append(value)  # kept alive by the caller (a capture): the address stays its
             origin = ("made", self._made[key]) if key in self._made else ("outside", key)
             return ("tensor", origin, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype,
                     value.device)
@@ -138,6 +141,9 @@ def dry_run_rank(model, helix: HelixConfig, rank: int, context_lengths: list[int
 
     from helix_ext.parallel.decoder import HelixDecoder, HelixGroups
 
+    if helix.cuda_graphs and steps < 3:
+        raise ValueError(f"a dry run with cuda_graphs needs steps >= 3 (an eager step, the capture, and a replay "
+                         f"at a later step to compare with it), got {steps}")
     device = device or torch.device("cuda", 0)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=helix.world_size)
     try:

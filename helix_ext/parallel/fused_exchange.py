@@ -175,7 +175,9 @@ class FusedExchange:
     def check(self) -> None:
         """Raise if a combine timed out waiting for a peer (a device sync on GPUs)."""
         self.error_checks += 1
-        missing = runtime().read_flag(self.error)
+        # A combine gives up after timeout_s; twice that and the step is stuck elsewhere.
+        missing = runtime().read_flag(self.error, 2 * self.timeout_s) if self.device.type == "cuda" else int(
+            self.error[0])
         if missing:
             raise RuntimeError(f"FusedExchange: KVP peer {missing - 1} did not signal within {self.timeout_s} s")
 

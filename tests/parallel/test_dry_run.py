@@ -162,4 +162,33 @@ def test_a_tensor_rebound_every_step_is_caught(monkeypatch):
 def test_cuda_graphs_need_gpu_ranks():
     helix = HelixConfig(kvp=2, tpa=2, tokens_per_block=4, cuda_graphs=True)
     with pytest.raises(ValueError, match=r"cuda_graphs needs ranks on GPUs"):
-        dry_run_rank(tiny_llama(), helix, 0, LENGTHS, device=torch.device("cpu"))
+        dry_run_rank(tiny_llama(), helix, 0, LENGTHS, steps=3, device=torch.device("cpu"))
+
+
+def test_graphs_need_a_replay_after_the_capture_to_check():
+    with pytest.raises(ValueError, match=r"a dry run with cuda_graphs needs steps >= 3"):
+        dry_run_rank(tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, cuda_graphs=True), 0, LENGTHS, steps=2)
+
+
+def test_a_stalled_replay_fails_the_step_instead_of_hanging(monkeypatch):
+    # Captured collectives are outside NCCL's watchdog: the host's own bounded wait must fail.
+    from helix_ext.parallel.device import DryRuntime
+
+    monkeypatch.setattr(DryRuntime, "wait_event", lambda self, event, timeout_s: False)
+    helix = HelixConfig(kvp=2, tpa=2, tokens_per_block=4, cuda_graphs=True, exchange_timeout_s=5.0)
+    with pytest.raises(RuntimeError, match=r"a replayed decode step did not finish within 5.0 s"):
+        dry_run_rank(tiny_llama(dtype=torch.bfloat16), helix, 0, LENGTHS, steps=5)
+
+
+@pytest.mark.parametrize("broken", ["wait_event", "wait_stream"])
+def test_a_side_stream_outside_the_capture_is_caught(monkeypatch, broken):
+    # The fused exchange's combine stream must join the capture (wait on an event of the
+    # capturing stream) before its work, and the capturing stream must wait on it after: with
+    # either wait left out, a real capture fails, and so does the dry run's.
+    from helix_ext.parallel.device import _InertStream
+
+    monkeypatch.setattr(_InertStream, broken, lambda self, other: None)
+    helix = HelixConfig(kvp=2, tpa=2, tokens_per_block=4, exchange="fused", cuda_graphs=True)
+    expected = r"has not joined the capture" if broken == "wait_event" else r"still joined to the capture when it ended"
+    with pytest.raises(DryRunViolation, match=expected):
+        dry_run_rank(tiny_llama(dtype=torch.bfloat16), helix, 0, LENGTHS, steps=3)

@@ -3,6 +3,7 @@ rank, and the order and arguments of the process-group start, with torch's CUDA 
 distributed entry points replaced by recorders."""
 
 import datetime
+import time
 
 import pytest
 import torch
@@ -185,3 +186,26 @@ def test_the_main_job_runs_its_ranks_where_the_machine_allows(monkeypatch, gpus,
     helix = HelixConfig(kvp=2, tpa=3)
     assert model_demo.run_model_demo(None, 4, "none", helix, device=device) == "report"
     assert (seen["backend"], seen["dtype"], seen["reference_device"]) == expected and seen["world_size"] == 6
+
+
+def test_the_host_waits_for_an_event_within_its_deadline_only():
+    # What bounds the host's wait for a replayed CUDA graph (or the fused exchange's flag read):
+    # polling, never a blocking synchronize that a stuck collective would hang forever.
+    from helix_ext.parallel.device import CudaRuntime
+
+    class Event:
+        def __init__(self, done_after):
+            self.queries, self.done_after = 0, done_after
+
+        def query(self):
+            self.queries += 1
+            return self.queries > self.done_after
+
+        def synchronize(self):
+            raise AssertionError("a blocking wait")
+
+    assert CudaRuntime().wait_event(Event(3), timeout_s=5.0) is True
+    stuck = Event(10 ** 9)
+    started = time.monotonic()
+    assert CudaRuntime().wait_event(stuck, timeout_s=0.05) is False
+    assert 0.05 <= time.monotonic() - started < 2.0 and stuck.queries > 1

@@ -82,7 +82,8 @@ def test_bf16_ranks_match_transformers_in_bf16_within_its_measured_noise(smollm2
     summary = {k: v for k, v in report.items() if k not in ("ranks", "generated_tokens", "reference_tokens")}
     assert report["dtype"] == "bfloat16" and report["reference_device"] == "cpu"
     assert 0 < report["bf16_noise"] < 5, summary  # bf16 rounding moves SmolLM2's logits by O(0.1-1)
-    assert report["logit_tolerance"] == 2 * report["bf16_noise"]
+    fp4_bound = 0.0 if ffn_format == "none" else 1.0  # the FP4 FFN's partial-sum rounding (fp32-measured)
+    assert report["logit_tolerance"] == 2 * report["bf16_noise"] + fp4_bound
     assert report["matches_reference"] and report["logits_finite"], summary
     assert report["max_abs_logit_diff"] <= report["logit_tolerance"]
     # Tokens agree at least up to the reference's first near-tie (top-2 margin within the tolerance).
