@@ -36,6 +36,7 @@ from helix_ext.parallel.exchange import make_exchange
 from helix_ext.parallel.experts import local_experts, route
 from helix_ext.parallel.ffn import DenseFfn, ffn_granule
 from helix_ext.parallel.kv_cache import HelixKVCache
+from helix_ext.parallel.launch import collective_timeout
 from helix_ext.parallel.models import (ModelConfig, apply_rope, context_block, make_weights, mla_query_and_entry,
                                        rms_norm, rope_inverse_frequencies, swiglu)
 
@@ -58,8 +59,9 @@ class HelixGroups:
     def __init__(self, config: HelixConfig, rank: int):
         self.world = dist.group.WORLD
         self.kvp_groups = []
+        timeout = collective_timeout()  # as the world's: a peer that failed ends the wait in time
         for t in range(config.tpa):
-            self.kvp_groups.append(dist.new_group(list(range(t * config.kvp, (t + 1) * config.kvp))))
+            self.kvp_groups.append(dist.new_group(list(range(t * config.kvp, (t + 1) * config.kvp)), timeout=timeout))
         self.kvp = self.kvp_groups[rank // config.kvp]
 
 

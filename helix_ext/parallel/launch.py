@@ -101,9 +101,20 @@ def rank_device(backend: str, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+_TIMEOUT: list = [None]  # the collective timeout the ranks of this process were started with
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """The timeout the ranks of this process were started with (None: not started here, torch's
+    default), for the groups they make: dist.new_group does not inherit it, and a rank waiting
+    in a group's store barrier for a peer that failed would otherwise wait 30 minutes."""
+    return _TIMEOUT[0]
+
+
 def start_process_group(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
     """init_process_group with the collective timeout, after the rank's device is set (NCCL:
     device_id binds the communicator to it). The rendezvous comes from the environment."""
+    _TIMEOUT[0] = datetime.timedelta(seconds=timeout_s)
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = rank_device(backend, rank)
@@ -156,6 +167,7 @@ def spawn_threads(fn: Callable[..., Any], world_size: int, args: tuple = (), tim
             if dist.distributed_c10d._world is world and dist.is_initialized():
                 dist.destroy_process_group()
 
+    _TIMEOUT[0] = datetime.timedelta(seconds=timeout_s)
     world = _install_threaded_pg()
     # Group names live in one process-wide C++ registry (for functional collectives, which the
     # runtime does not use): every thread's default group is "0", so registering would collide.

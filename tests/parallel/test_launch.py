@@ -209,3 +209,20 @@ def test_the_host_waits_for_an_event_within_its_deadline_only():
     started = time.monotonic()
     assert CudaRuntime().wait_event(stuck, timeout_s=0.05) is False
     assert 0.05 <= time.monotonic() - started < 2.0 and stuck.queries > 1
+
+
+def test_helix_groups_wait_no_longer_than_the_ranks_timeout(monkeypatch):
+    # dist.new_group does not inherit the world's timeout (torch's default is 30 minutes): a
+    # threaded rank left waiting in a group's store barrier for a failed peer outlived the run
+    # and aborted the interpreter at exit (a daemon thread in C++ at finalization).
+    from helix_ext.parallel.config import HelixConfig
+    from helix_ext.parallel.decoder import HelixGroups
+
+    Recorder(monkeypatch, gpus=0)
+    made = []
+    monkeypatch.setattr(dist, "new_group", lambda ranks, **kwargs: made.append((ranks, kwargs)))
+    monkeypatch.setattr(launch, "_TIMEOUT", [None])
+    launch.start_process_group("gloo", 0, 4, 77.0)
+    HelixGroups(HelixConfig(kvp=2, tpa=2), 0)
+    assert made == [([0, 1], {"timeout": datetime.timedelta(seconds=77.0)}),
+                    ([2, 3], {"timeout": datetime.timedelta(seconds=77.0)})]
