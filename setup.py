@@ -85,13 +85,17 @@ def make_extension():
     generated = ROOT / "build" / "helix_generated"
     sources = ["csrc/ops.cpp"] + relative_sources("csrc/cpu", "*.cpp")
     include_dirs = [str(ROOT / "csrc"), str(ROOT / "csrc" / "include"), str(generated)]
-    cxx_flags = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for is inline and runs serially in a file compiled without it. The
+    # OpenMP runtime it links is the libgomp.so.1 torch loads first (torch/lib), so
+    # torch.set_num_threads governs the CPU kernels too.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    link_flags = ["-fopenmp"]
 
     if toolkit is None:
         log(f"building CPU kernels only: {reason}")
         write_build_config(generated, [], reason, with_cuda=False)
         return cpp_extension.CppExtension("helix_ext._C", sources, include_dirs=include_dirs,
-                                          extra_compile_args={"cxx": cxx_flags})
+                                          extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
     # torch.utils.cpp_extension read CUDA_HOME when it was imported; point it at the real toolkit.
     os.environ["CUDA_HOME"] = toolkit
@@ -110,7 +114,8 @@ def make_extension():
     log(f"building CUDA kernels for {', '.join(sm_names)} with the {reason}")
     write_build_config(generated, sm_names, "", with_cuda=True)
     return cpp_extension.CUDAExtension("helix_ext._C", sources, include_dirs=include_dirs,
-                                       extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+                                       extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                                       extra_link_args=link_flags)
 
 
 def make_simt_extension():

@@ -14,6 +14,7 @@
 
 #include "helix/softmax_merge.h"
 #include "hopb_args.h"
+#include "merge_rows.h"
 
 namespace helix {
 namespace {
@@ -49,10 +50,9 @@ void merge_parts(const std::vector<at::Tensor>& peer_out, const std::vector<at::
       for (int p = 0; p < parts; ++p) {
         const float weight = merge_weight(lses[p][row], total);
         if (weight == 0.0f) continue;
-        const T* part = values[p] + row * dim;
-        for (int64_t d = 0; d < dim; ++d) accumulator[d] += weight * static_cast<float>(part[d]);
+        accumulate_row(values[p] + row * dim, weight, dim, accumulator.data());
       }
-      for (int64_t d = 0; d < dim; ++d) out_data[row * dim + d] = static_cast<T>(accumulator[d] * total.normalizer);
+      store_row(accumulator.data(), total.normalizer, dim, out_data + row * dim);
       lse_data[row] = total.lse;
     }
   });

@@ -1,5 +1,6 @@
 // merge_states, CPU: parallel over (b, h) rows; the merge math is helix/softmax_merge.h,
-// the same functions the CUDA kernel calls.
+// the same functions the CUDA kernel calls, and the row loops are merge_rows.h, shared with
+// hopb_combine (whose result must equal merge_states' bit for bit).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "helix/softmax_merge.h"
+#include "merge_rows.h"
 #include "merge_states_args.h"
 
 namespace helix {
@@ -26,6 +28,7 @@ void merge_states_cpu_impl(const at::Tensor& parts_out, const at::Tensor& parts_
   float* out_lse_data = out_lse.mutable_data_ptr<float>();
   const auto out_strides = parts_out.strides();
   const auto lse_strides = parts_lse.strides();
+  const bool contiguous = out_strides[3] == 1 || head_dim == 1;
 
   // About 64K elements of work per task keeps threading overhead small for tiny D.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, head_dim * num_parts));
@@ -41,12 +44,15 @@ void merge_states_cpu_impl(const at::Tensor& parts_out, const at::Tensor& parts_
         const float weight = merge_weight(row_lse[part * lse_strides[0]], total);
         if (weight == 0.0f) continue;  // absent part: its output is never read
         const T* values = row_out + part * out_strides[0];
-        for (int64_t d = 0; d < head_dim; ++d) {
-          accumulator[d] += weight * static_cast<float>(values[d * out_strides[3]]);
+        if (contiguous) {
+          accumulate_row(values, weight, head_dim, accumulator.data());
+        } else {
+          for (int64_t d = 0; d < head_dim; ++d) {
+            accumulator[d] += weight * static_cast<float>(values[d * out_strides[3]]);
+          }
         }
       }
-      T* row_result = out_data + row * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) row_result[d] = static_cast<T>(accumulator[d] * total.normalizer);
+      store_row(accumulator.data(), total.normalizer, head_dim, out_data + row * head_dim);
       out_lse_data[row] = total.lse;
     }
   });
