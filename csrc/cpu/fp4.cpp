@@ -3,6 +3,7 @@
 // y[rows of e] = x[rows of e] @ dequant(w[e]).T * global[e], fp32 accumulation.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -128,6 +129,139 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& block_
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// The grouped GEMM on bf16 tensor tiles (oneDNN's AMX micro-kernel through
+// at::native::cpublas::brgemm), where the CPU has them and no operand is a bf16 subnormal
+// (which AMX reads as zero). Then it computes what the fp32 path computes: a code's
+// value times its block multiplier (global scale left out, as there) has at most 6 significant
+// bits (E2M1 x E4M3) or is a power-of-two multiple (E8M0), so it is a bf16; bf16 x bf16
+// products are exact in the fp32 accumulator (only the order of the sums differs). Per expert
+// and tile of kWeightRows weight rows:
+// the rows dequantized into bf16 (one table load per packed byte), then
+//   C^T[n, t] = W_tile[n, K] x x_e^T[K, t]
+// against the expert's activations packed once (VNNI: [K/2][tokens][2]), scaled by the global
+// scale and rounded to bf16.
+constexpr int64_t kWeightRows = 32;
+constexpr int64_t kTokenSlab = 64;  // tokens per brgemm (a packed B is at most 64 wide)
+
+// pairs[scale code][byte] = the two bf16 values of a packed byte (low nibble first) at that
+// block scale, for one format: built once per process.
+const uint32_t* fp4_pair_table(bool nvfp4) {
+  static const std::vector<uint32_t> tables = [] {
+    std::vector<uint32_t> pairs(2 * 256 * 256);
+    for (int format = 0; format < 2; ++format) {
+      for (uint32_t scale = 0; scale < 256; ++scale) {
+        const uint8_t code = static_cast<uint8_t>(scale);
+        const float multiplier = block_multiplier(&code, 0, format == 1, 1.0f);
+        for (uint32_t byte = 0; byte < 256; ++byte) {
+          const uint32_t low = float_bits(e2m1_to_float(byte & 0xFu) * multiplier) >> 16;
+          const uint32_t high = float_bits(e2m1_to_float(byte >> 4) * multiplier) >> 16;
+          pairs[(format * 256 + scale) * 256 + byte] = low | (high << 16);
+        }
+      }
+    }
+    return pairs;
+  }();
+  return tables.data() + (nvfp4 ? 256 * 256 : 0);
+}
+
+// AMX reads bf16 subnormals as zero: the bf16 path runs only when no operand is one. Weights
+// are subnormal only under MXFP4 scale codes 0 and 1 (0.5 x 2^-127, 0.5 x 2^-126; an NVFP4
+// block multiplier without the global scale is at least 2^-9); activations are scanned.
+bool bf16_grouped_gemm_exact(const at::Tensor& x, const uint8_t* scale_data, int64_t num_scales,
+                             const Fp4Format& format) {
+  if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+  if (!format.nvfp4) {
+    for (int64_t i = 0; i < num_scales; ++i) {
+      if (scale_data[i] < 2) return false;
+    }
+  }
+  const at::Tensor activations = x.contiguous();
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(activations.const_data_ptr<c10::BFloat16>());
+  bool subnormal = false;
+  for (int64_t i = 0; i < activations.numel(); ++i) subnormal |= (bits[i] & 0x7F80u) == 0 && (bits[i] & 0x7Fu) != 0;
+  return !subnormal;
+}
+
+void fp4_grouped_gemm_bf16(const at::Tensor& x, const uint8_t* w_data, const uint8_t* scale_data,
+                           const float* global_data, const int32_t* end_data, const GroupedGemmShape& shape,
+                           const Fp4Format& format, at::Tensor& y) {
+  const int64_t k = shape.k, blocks = k / format.block, pairs_per_block = format.block / 2;
+  const uint32_t* table = fp4_pair_table(format.nvfp4);
+  const at::Tensor activations = x.contiguous();
+  const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(activations.const_data_ptr<c10::BFloat16>());
+  c10::BFloat16* y_data = y.mutable_data_ptr<c10::BFloat16>();
+
+  // Each expert's activations as VNNI B operands, slab by slab of kTokenSlab tokens (each
+  // slab's width padded to a multiple of 16 with zero columns).
+  struct Slab {
+    int64_t expert, token_begin, tokens, width, offset;  // offset into packed (uint32 pairs)
+  };
+  std::vector<Slab> slabs;
+  std::vector<int64_t> first_slab(shape.num_experts + 1, 0);
+  int64_t packed_pairs = 0;
+  for (int64_t e = 0; e < shape.num_experts; ++e) {
+    first_slab[e] = static_cast<int64_t>(slabs.size());
+    const int64_t row_begin = e == 0 ? 0 : end_data[e - 1], row_end = end_data[e];
+    for (int64_t t = row_begin; t < row_end; t += kTokenSlab) {
+      const int64_t tokens = std::min(kTokenSlab, row_end - t), width = (tokens + 15) / 16 * 16;
+      slabs.push_back({e, t, tokens, width, packed_pairs});
+      packed_pairs += k / 2 * width;
+    }
+  }
+  first_slab[shape.num_experts] = static_cast<int64_t>(slabs.size());
+  std::vector<uint32_t> packed(packed_pairs);
+  at::parallel_for(0, static_cast<int64_t>(slabs.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Slab& slab = slabs[i];
+      uint32_t* out = packed.data() + slab.offset;
+      for (int64_t pair = 0; pair < k / 2; ++pair) {
+        uint32_t* row = out + pair * slab.width;
+        for (int64_t t = 0; t < slab.tokens; ++t) row[t] = x_pairs[(slab.token_begin + t) * (k / 2) + pair];
+        std::fill(row + slab.tokens, row + slab.width, 0u);
+      }
+    }
+  });
+
+  // Work: (expert with tokens, tile of weight rows).
+  const int64_t tiles_per_expert = (shape.n + kWeightRows - 1) / kWeightRows;
+  std::vector<int64_t> work;
+  for (int64_t e = 0; e < shape.num_experts; ++e) {
+    if (first_slab[e] == first_slab[e + 1]) continue;
+    for (int64_t tile = 0; tile < tiles_per_expert; ++tile) work.push_back(e * tiles_per_expert + tile);
+  }
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> weights(kWeightRows * (k / 2));
+    std::vector<float> products(kWeightRows * kTokenSlab);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = work[i] / tiles_per_expert, n0 = (work[i] % tiles_per_expert) * kWeightRows;
+      const int64_t rows = std::min(kWeightRows, shape.n - n0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* w_row = w_data + (e * shape.n + n0 + r) * (k / 2);
+        const uint8_t* scale_row = scale_data + (e * shape.n + n0 + r) * blocks;
+        uint32_t* out = weights.data() + r * (k / 2);
+        for (int64_t b = 0; b < blocks; ++b) {
+          const uint32_t* pairs = table + scale_row[b] * 256;
+          for (int64_t j = b * pairs_per_block; j < (b + 1) * pairs_per_block; ++j) out[j] = pairs[w_row[j]];
+        }
+      }
+      const float global = global_data[e];
+      for (int64_t index = first_slab[e]; index < first_slab[e + 1]; ++index) {
+        const Slab& slab = slabs[index];
+        at::native::cpublas::brgemm(rows, slab.width, k, k, slab.width, slab.width, false,
+                                    reinterpret_cast<const c10::BFloat16*>(weights.data()),
+                                    reinterpret_cast<const c10::BFloat16*>(packed.data() + slab.offset),
+                                    products.data(), true);
+        for (int64_t t = 0; t < slab.tokens; ++t) {
+          c10::BFloat16* y_row = y_data + (slab.token_begin + t) * shape.n + n0;
+          for (int64_t r = 0; r < rows; ++r) y_row[r] = static_cast<c10::BFloat16>(products[r * slab.width + t] * global);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+
 at::Tensor fp4_grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scales,
                                 const at::Tensor& w_global_scale, const at::Tensor& offs, c10::string_view fmt) {
   const Fp4Format format = parse_fp4_format("fp4_grouped_gemm", fmt);
@@ -137,13 +271,17 @@ at::Tensor fp4_grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const 
   check_global_scale_values("fp4_grouped_gemm", "w_global_scale", w_global_scale);
   at::Tensor y = at::zeros({shape.tokens, shape.n}, x.options());  // rows past offs[-1] stay zero
   if (shape.tokens == 0 || shape.n == 0) return y;
-  const at::Tensor activations = x.to(at::kFloat);
   const at::Tensor weights = w.contiguous(), scales = w_scales.contiguous();
   const at::Tensor globals = w_global_scale.contiguous(), ends = offs.contiguous();
   const uint8_t* w_data = weights.const_data_ptr<uint8_t>();
   const uint8_t* scale_data = static_cast<const uint8_t*>(scales.const_data_ptr());
   const float* global_data = globals.const_data_ptr<float>();
   const int32_t* end_data = ends.const_data_ptr<int32_t>();
+  if (shape.k > 0 && bf16_grouped_gemm_exact(x, scale_data, scales.numel(), format)) {
+    fp4_grouped_gemm_bf16(x, w_data, scale_data, global_data, end_data, shape, format, y);
+    return y;
+  }
+  const at::Tensor activations = x.to(at::kFloat);
   const int64_t k = shape.k, blocks = k / format.block;
   float codes[16];
   for (uint32_t c = 0; c < 16; ++c) codes[c] = e2m1_to_float(c);
