@@ -63,6 +63,16 @@ def driver_version() -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cupy_cross_check(case, repeats: int) -> dict | None:
     try:
         from cupyx.profiler import benchmark
@@ -100,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else None
     report = {
         "gpu": name,
+        "cpu": cpu_name() if device == "cpu" else None,
+        "threads": torch.get_num_threads() if device == "cpu" else None,
         "driver": driver_version() if device == "cuda" else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device == "cuda" else None,
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "copy_bandwidth_gbs": round(copy_gbs, 1),
         "results": [],
     }
-    where = name or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    where = name or f"CPU ({report['cpu']}, {os.cpu_count()} cores, {report['threads']} torch threads)"
     print(f"device: {where}; copy bandwidth {copy_gbs:.1f} GB/s (read + write); mode {mode}")
     header = (f"{'op':<17} {'shape':<58} {'median us':>10} {'GB/s':>9} {'of copy':>8} {'peer us':>10} "
               f"{'speedup':>8}  peer")
@@ -129,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases(device, mode):
         median = timer.median_us(case.run)
         achieved = case.bytes_moved / median / 1e3
-        peer_name, peer_median = None, None
+        peer_name, peer_median, peer_times = None, None, {}
         for label, call in case.peers:
             try:
                 candidate = timer.median_us(call)
             except Exception as error:  # noqa: BLE001  (a peer that cannot run this shape is skipped)
                 print(f"  peer {label} failed on {case.shape}: {type(error).__name__}: {str(error)[:200]}")
                 continue
+            peer_times[label] = round(candidate, 2)
             if peer_median is None or candidate < peer_median:
                 peer_name, peer_median = label, candidate
         entry = {
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "peer": peer_name,
             "peer_median_us": round(peer_median, 2) if peer_median else None,
             "speedup_vs_peer": round(peer_median / median, 2) if peer_median else None,
+            "peers_us": peer_times,  # every peer that ran (the fastest is "peer")
         }
         report["results"].append(entry)
         if case.overlap_parts is not None:
@@ -159,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         peer_text = f"{peer_median:>10.1f} {peer_median / median:>7.2f}x" if peer_median else f"{'-':>10} {'-':>8}"
         print(f"{case.op:<17} {case.shape:<58} {median:>10.1f} {achieved:>9.1f} "
               f"{achieved / copy_gbs:>8.3f} {peer_text}  {peer_name or ''}")
+        for label, micros in peer_times.items():
+            if label != peer_name:
+                print(f"  other peer {label}: {micros:.1f} us ({micros / median:.2f}x)")
         if device == "cuda" and case.op not in cross_checked_ops:
             cross_checked_ops.add(case.op)  # the op's standard shape comes first
             check = cupy_cross_check(case, repeats=timer.repeats)

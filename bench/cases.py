@@ -15,7 +15,7 @@ import math
 import torch
 
 import helix_ext
-from bench.traffic import (fp4_grouped_gemm_traffic, flash_decode_traffic, hopb_combine_traffic,
+from bench.traffic import (DTYPE_NAMES, fp4_grouped_gemm_traffic, flash_decode_traffic, hopb_combine_traffic,
                            merge_states_traffic, quantize_fp4_traffic)
 from helix_ext.reference import merge_states_reference, quantize_fp4_reference
 
@@ -55,6 +55,15 @@ def _sdpa_flash_peer(q, keys, values, scale):
     return lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, scale=scale)
 
 
+def _eager_peer(q, keys, values, scale):
+    """Plain torch: scores, their logsumexp, softmax, P @ V (any head dims, MLA included)."""
+    def run():
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(values.dtype), values), lse
+    return run
+
+
 def _flex_peer(q, keys, values, scale):
     """torch.compile(flex_attention) with the LSE returned (GPU only)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -69,10 +78,11 @@ def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_
     """Decode attention over seq_len tokens per sequence. block_size None lays each sequence's
     cache out contiguously (one block per sequence); otherwise blocks of block_size, dealt to
     the sequences in a shuffled order. MLA when head_dim_k != head_dim_v (V inside the K entry).
-    Peers read bf16 K/V laid out contiguously as they want it; flex_attention (compiled per
-    shape, which takes a while) only where a shape asks for it."""
+    q is bf16, or fp32 with an fp32 cache (a CPU-only dtype). Peers read K/V in q's dtype laid
+    out contiguously as they want it; flex_attention (compiled per shape, which takes a while)
+    only where a shape asks for it."""
     mla = head_dim_k != head_dim_v
-    q_dtype = torch.bfloat16
+    q_dtype = torch.float32 if kv_dtype == torch.float32 else torch.bfloat16
     block = seq_len if block_size is None else block_size
     blocks_per_seq = math.ceil(seq_len / block)
     num_blocks = batch * blocks_per_seq
@@ -92,17 +102,22 @@ def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_
     traffic = flash_decode_traffic(label, batch, num_q_heads, num_kv_heads, head_dim_k, head_dim_v, seq_len,
                                    block_size, kv_dtype)
 
-    # Peers: bf16 K/V as [B, Hkv, L, D] contiguous, queries grouped per KV head.
+    # Peers: K/V in q's dtype as [B, Hkv, L, D] contiguous, queries grouped per KV head.
     group = num_q_heads // num_kv_heads
     peer_q = q.view(batch, num_kv_heads, group, head_dim_k)
     peer_keys = torch.randn(batch, num_kv_heads, seq_len, head_dim_k, dtype=q_dtype, device=device)
     peer_values = peer_keys[..., :head_dim_v] if mla else torch.randn(batch, num_kv_heads, seq_len, head_dim_v,
                                                                       dtype=q_dtype, device=device)
     candidates = []
-    if "sdpa_flash" in peers and not mla and head_dim_k <= 256:
-        candidates.append(("torch flash SDPA (bf16 KV)", _sdpa_flash_peer(peer_q, peer_keys, peer_values, scale)))
+    kv_name = DTYPE_NAMES[q_dtype]
+    # torch's flash kernels take neither Dk != Dv (MLA) nor, on CUDA, Dk > 256.
+    if "sdpa_flash" in peers and not mla and (device == "cpu" or head_dim_k <= 256):
+        candidates.append((f"torch flash SDPA ({kv_name} KV)", _sdpa_flash_peer(peer_q, peer_keys, peer_values, scale)))
+    if "eager" in peers:
+        candidates.append((f"eager torch matmuls + logsumexp ({kv_name} KV)",
+                           _eager_peer(peer_q, peer_keys, peer_values, scale)))
     if "flex" in peers and device == "cuda":
-        candidates.append(("torch.compile(flex_attention) (bf16 KV)",
+        candidates.append((f"torch.compile(flex_attention) ({kv_name} KV)",
                            _flex_peer(peer_q, peer_keys, peer_values.contiguous(), scale)))
     return Case(
         op="flash_decode",
@@ -118,7 +133,7 @@ def fp4_grouped_gemm_case(label: str, num_experts: int, n: int, k: int, tokens_p
                           device: str) -> Case:
     """y = x @ dequant(w[e]).T for every expert's rows; all experts busy (the roofline case).
     Peers: torch._grouped_mm on bf16 weights of the same shapes (4x the weight bytes), and
-    dequantize_fp4 followed by torch._grouped_mm."""
+    dequantize_fp4 followed by torch._grouped_mm or by one torch.matmul per expert."""
     tokens = num_experts * tokens_per_expert
     block = 16 if fmt == "nvfp4" else 32
     dense = torch.randn(num_experts * n, k, device=device, dtype=torch.bfloat16)
@@ -135,13 +150,18 @@ def fp4_grouped_gemm_case(label: str, num_experts: int, n: int, k: int, tokens_p
         weights = helix_ext.dequantize_fp4(packed, scales, global_scale, fmt, torch.bfloat16)
         return torch._grouped_mm(x, weights.view(num_experts, n, k).transpose(-2, -1), offs=offs)
 
+    def dequantize_then_matmuls():
+        weights = helix_ext.dequantize_fp4(packed, scales, global_scale, fmt, torch.bfloat16).view(num_experts, n, k)
+        return [x[e * tokens_per_expert:(e + 1) * tokens_per_expert] @ weights[e].T for e in range(num_experts)]
+
     return Case(
         op="fp4_grouped_gemm",
         shape=traffic.shape,
         bytes_moved=traffic.bytes_moved,
         run=lambda: helix_ext.fp4_grouped_gemm(x, w, w_scales, w_global, offs, fmt),
         peers=[("torch._grouped_mm (bf16 weights)", lambda: torch._grouped_mm(x, dense_t, offs=offs)),
-               ("dequantize_fp4 + torch._grouped_mm", dequantize_then_grouped_mm)],
+               ("dequantize_fp4 + torch._grouped_mm", dequantize_then_grouped_mm),
+               ("dequantize_fp4 + torch.matmul per expert", dequantize_then_matmuls)],
     )
 
 
@@ -284,18 +304,62 @@ SMOKE = {
     "quantize_fp4": [dict(label="smoke", rows=64, cols=256, fmt="mxfp4", given_global=False)],
     "hopb_combine": [dict(num_peers=3, batch=4, heads=4, head_dim=64, dtype=torch.bfloat16)],
 }
+# The CPU's shapes: what a 2-core machine runs in milliseconds (the GPU shapes would take
+# minutes). flash_decode: GQA groups 16, 8 and 1 at D 128, MLA 576/512 with 16 heads; bf16,
+# fp32 and fp8 KV. The standard shape of each op comes first.
+_CPU_FLASH = dict(num_kv_heads=1, head_dim_k=128, head_dim_v=128, block_size=64)
+CPU_STANDARD = {
+    "merge_states": STANDARD["merge_states"],
+    "flash_decode": dict(label="C1", batch=1, num_q_heads=16, seq_len=32768, kv_dtype=torch.bfloat16, **_CPU_FLASH),
+    "fp4_grouped_gemm": dict(label="CF1", num_experts=8, n=2048, k=2048, tokens_per_expert=1, fmt="nvfp4"),
+    "quantize_fp4": dict(label="CQ1", rows=1024, cols=7168, fmt="nvfp4", given_global=False),
+    "hopb_combine": STANDARD["hopb_combine"],
+}
+CPU_EXTRA = {
+    "merge_states": [
+        dict(num_parts=4, batch=32, heads=32, head_dim=128, dtype=torch.bfloat16),
+        dict(num_parts=8, batch=64, heads=32, head_dim=128, dtype=torch.float32),
+    ],
+    "flash_decode": [
+        dict(label="C1", batch=1, num_q_heads=16, seq_len=32768, kv_dtype=torch.float32, **_CPU_FLASH),
+        dict(label="C1", batch=1, num_q_heads=16, seq_len=32768, kv_dtype=torch.float8_e4m3fn, **_CPU_FLASH),
+        dict(label="C2", batch=8, num_q_heads=16, seq_len=8192, kv_dtype=torch.bfloat16, **_CPU_FLASH),
+        dict(label="C2", batch=8, num_q_heads=16, seq_len=8192, kv_dtype=torch.float32, **_CPU_FLASH),
+        dict(label="C3", batch=4, num_q_heads=32, seq_len=8192, kv_dtype=torch.bfloat16,
+             **{**_CPU_FLASH, "num_kv_heads": 4}),
+        dict(label="C3", batch=4, num_q_heads=32, seq_len=8192, kv_dtype=torch.float32,
+             **{**_CPU_FLASH, "num_kv_heads": 4}),
+        dict(label="C4", batch=4, num_q_heads=8, seq_len=8192, kv_dtype=torch.bfloat16,
+             **{**_CPU_FLASH, "num_kv_heads": 8}),
+        dict(label="C4", batch=4, num_q_heads=8, seq_len=8192, kv_dtype=torch.float32,
+             **{**_CPU_FLASH, "num_kv_heads": 8}),
+        dict(label="CM", batch=2, num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=8192,
+             block_size=64, kv_dtype=torch.bfloat16, peers=("eager",)),
+        dict(label="CM", batch=2, num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=8192,
+             block_size=64, kv_dtype=torch.float8_e4m3fn, peers=("eager",)),
+    ],
+    "fp4_grouped_gemm": [
+        dict(label="CF1", num_experts=8, n=2048, k=2048, tokens_per_expert=1, fmt="mxfp4"),
+        dict(label="CF2", num_experts=8, n=2048, k=2048, tokens_per_expert=32, fmt="nvfp4"),  # T = 256
+    ],
+    "quantize_fp4": [dict(label="CQ1", rows=1024, cols=7168, fmt="mxfp4", given_global=False)],
+    "hopb_combine": [],
+}
 BUILDERS = {"merge_states": merge_states_case, "flash_decode": flash_decode_case,
             "fp4_grouped_gemm": fp4_grouped_gemm_case, "quantize_fp4": quantize_fp4_case,
             "hopb_combine": hopb_combine_case}
 
 
 def cases(device: str, mode: str) -> Iterator[Case]:
-    """mode: 'smoke', 'quick' (standard + headline shapes) or 'full' (all shapes). Cases are
+    """mode: 'smoke', 'quick' (standard + headline shapes) or 'full' (all shapes); the CPU runs
+    its own shapes (CPU_STANDARD, CPU_EXTRA) in both. Cases are
     built one at a time, so only one case's tensors are alive at once; each op's standard
     shape comes first."""
     for op, builder in BUILDERS.items():
         if mode == "smoke":
             shapes = SMOKE[op]
+        elif device == "cpu":  # quick and full alike: the full mode only repeats more
+            shapes = [CPU_STANDARD[op]] + CPU_EXTRA[op]
         elif mode == "quick":
             shapes = [STANDARD[op]] + QUICK_EXTRA[op]
         else:
