@@ -39,6 +39,7 @@ namespace {
 
 constexpr int64_t kChunkTokens = 2048;  // tokens per work item (and per partial state)
 constexpr int64_t kTile = 64;           // tokens per GEMM tile (even: VNNI pairs rows)
+constexpr int64_t kSpan = 512;          // tokens per online-softmax step of the GEMM engines
 constexpr int64_t kMaxSlabHeads = 64;   // query heads per work item (the columns of a score tile)
 // Query groups up to this size run the vector engine: a GEMM tile is 16 rows of heads at least.
 constexpr int64_t kVectorMaxGroup = 4;
@@ -198,8 +199,10 @@ template <typename KVT>
 HELIX_CPU_CLONES void tile_scores_vector(const KVT* const* rows, int64_t count, const float* __restrict queries,
                                          int64_t heads, int64_t dim, float* __restrict widened,
                                          float* __restrict scores) {
-  for (int64_t t = 0; t < count; ++t) {
-    for (int64_t d = 0; d < dim; ++d) widened[t * dim + d] = widen(rows[t], d);
+  if constexpr (!std::is_same_v<KVT, float>) {
+    for (int64_t t = 0; t < count; ++t) {
+      for (int64_t d = 0; d < dim; ++d) widened[t * dim + d] = widen(rows[t], d);
+    }
   }
   const int64_t whole = dim / kLanes * kLanes;
   float lanes[kLanes][kTile];
@@ -207,7 +210,7 @@ HELIX_CPU_CLONES void tile_scores_vector(const KVT* const* rows, int64_t count, 
   for (int64_t h = 0; h < heads; ++h) {
     const float* query = queries + h * dim;
     for (int64_t t = 0; t < count; ++t) {
-      const float* key = widened + t * dim;
+      const float* key = std::is_same_v<KVT, float> ? reinterpret_cast<const float*>(rows[t]) : widened + t * dim;
       float lane[kLanes] = {};
       for (int64_t d = 0; d < whole; d += kLanes) {
         for (int64_t j = 0; j < kLanes; ++j) lane[j] += query[d + j] * key[d + j];
@@ -229,12 +232,16 @@ HELIX_CPU_CLONES void tile_values_vector(const KVT* const* rows, int64_t count, 
                                          int64_t tile, int64_t heads, int64_t dim, float* __restrict row_buffer,
                                          float* __restrict acc) {
   for (int64_t t = 0; t < count; ++t) {
-    const KVT* row = rows[t];
-    for (int64_t d = 0; d < dim; ++d) row_buffer[d] = widen(row, d);
+    const float* value = row_buffer;
+    if constexpr (std::is_same_v<KVT, float>) {
+      value = rows[t];
+    } else {
+      for (int64_t d = 0; d < dim; ++d) row_buffer[d] = widen(rows[t], d);
+    }
     for (int64_t h = 0; h < heads; ++h) {
       const float weight = probabilities[h * tile + t];
       float* out = acc + h * dim;
-      for (int64_t d = 0; d < dim; ++d) out[d] += weight * row_buffer[d];
+      for (int64_t d = 0; d < dim; ++d) out[d] += weight * value[d];
     }
   }
 }
@@ -301,51 +308,71 @@ class FlashDecodeCpu {
       }
     }
     const CT* queries = s.queries.data();
-    s.scores.resize(kTile * width);
-    s.probabilities.resize(heads * kTile);
     s.accumulator.assign(heads * dim_v, 0.0f);
     s.tile_max.resize(heads);
     s.offset.resize(heads);
     s.tile_sum.resize(heads);
     s.states.assign(heads, softmax_state_empty());
-
-    for (int64_t first = item.token_begin; first < item.token_end; first += kTile) {
-      const int64_t count = std::min(kTile, item.token_end - first);
-      if (prefetch_) prefetch_tile(item, first + 2 * kTile);
-      if constexpr (!kVnni) {
-        if (vector_) {
-          vector_tile(item, first, count, s);
-          continue;
+    if (vector_) {
+      if constexpr (!kVnni) {  // the vector engine computes in fp32
+        s.scores.resize(kTile * width);
+        s.probabilities.resize(heads * kTile);
+        for (int64_t first = item.token_begin; first < item.token_end; first += kTile) {
+          if (prefetch_) {
+            prefetch_rows(key_, dim_k, item, first + 2 * kTile);
+            if (!shape_.mla) prefetch_rows(value_, dim_v, item, first + 2 * kTile);
+          }
+          vector_tile(item, first, std::min(kTile, item.token_end - first), s);
         }
       }
-      int64_t key_stride = 0;
-      const CT* keys = tile_rows(key_, item, first, count, dim_k, s.keys, &key_stride);
-      at::native::cpublas::brgemm(kTile, width, dim_k, key_stride, width, width, false, keys, queries,
-                                  s.scores.data(), kVnni);
-      softmax_tile(s, heads, width, count);
-      if constexpr (kVnni) {
-        // V packed straight from the cache rows (converted from fp8 on the way; zero pairs
-        // past the sequence), so it is never staged.
-        const KVT* rows[kTile];
-        tile_row_pointers(shape_.mla ? key_ : value_, item, first, count, rows);
-        s.values_packed.resize(kTile * dim_v);
-        uint32_t* packed = reinterpret_cast<uint32_t*>(s.values_packed.data());
-        for (int64_t pair = 0; pair < kTile / 2; ++pair) {
-          uint32_t* out = packed + pair * dim_v;
-          if (2 * pair >= count) {
-            std::fill(out, out + dim_v, 0u);
-            continue;
-          }
-          interleave_rows<KVT>(rows[2 * pair], 2 * pair + 1 < count ? rows[2 * pair + 1] : nullptr, dim_v, out);
+    } else {
+      // Spans of kSpan tokens: all score tiles of a span (one GEMM shape), the online softmax
+      // over the span, then all P x V tiles (another shape): the micro-kernel switches its
+      // tile configuration twice per span, not twice per tile.
+      s.scores.resize(kSpan * width);
+      s.probabilities.resize(heads * kSpan);
+      for (int64_t span = item.token_begin; span < item.token_end; span += kSpan) {
+        const int64_t span_count = std::min(kSpan, item.token_end - span);
+        const int64_t tiles = (span_count + kTile - 1) / kTile;
+        for (int64_t i = 0; i < tiles; ++i) {
+          const int64_t first = span + i * kTile, count = std::min(kTile, span + span_count - first);
+          if (prefetch_) prefetch_rows(key_, dim_k, item, first + 2 * kTile);
+          int64_t key_stride = 0;
+          const CT* keys = tile_rows(key_, dim_k, item, first, count, s.keys, &key_stride);
+          at::native::cpublas::brgemm(kTile, width, dim_k, key_stride, width, width, false, keys, queries,
+                                      s.scores.data() + i * kTile * width, kVnni);
         }
-        at::native::cpublas::brgemm(heads, dim_v, kTile, kTile, dim_v, dim_v, true, s.probabilities.data(),
-                                    s.values_packed.data(), s.accumulator.data(), true);
-      } else {
-        int64_t value_stride = key_stride;
-        const CT* values = keys;  // MLA: V is the first Dv dims of the K rows
-        if (!shape_.mla) values = tile_rows(value_, item, first, count, dim_v, s.values, &value_stride);
-        at::native::cpublas::brgemm(heads, dim_v, kTile, kTile, value_stride, dim_v, true, s.probabilities.data(),
-                                    values, s.accumulator.data(), false);
+        softmax_tile(s, heads, width, span_count, kSpan);
+        for (int64_t i = 0; i < tiles; ++i) {
+          const int64_t first = span + i * kTile, count = std::min(kTile, span + span_count - first);
+          const CacheView& cache = shape_.mla ? key_ : value_;  // MLA: V is the first Dv dims of the K rows
+          if (prefetch_) prefetch_rows(cache, dim_v, item, first + 2 * kTile);
+          const CT* probabilities = s.probabilities.data() + i * kTile;
+          if constexpr (kVnni) {
+            // V packed straight from the cache rows (converted from fp8 on the way; zero pairs
+            // past the sequence), so it is never staged.
+            const KVT* rows[kTile];
+            tile_row_pointers(cache, item, first, count, rows);
+            s.values_packed.resize(kTile * dim_v);
+            uint32_t* packed = reinterpret_cast<uint32_t*>(s.values_packed.data());
+            for (int64_t pair = 0; pair < kTile / 2; ++pair) {
+              uint32_t* out = packed + pair * dim_v;
+              if (2 * pair >= count) {
+                std::fill(out, out + dim_v, 0u);
+                continue;
+              }
+              interleave_rows<KVT>(rows[2 * pair], 2 * pair + 1 < count ? rows[2 * pair + 1] : nullptr, dim_v, out);
+            }
+            at::native::cpublas::brgemm(heads, dim_v, kTile, kSpan, dim_v, dim_v, true, probabilities,
+                                        s.values_packed.data(), s.accumulator.data(), true);
+          } else {
+            int64_t value_stride = 0;
+            const CT* values = tile_rows(cache, shape_.mla ? dim_k : dim_v, item, first, count, s.values,
+                                         &value_stride);
+            at::native::cpublas::brgemm(heads, dim_v, kTile, kSpan, value_stride, dim_v, true, probabilities, values,
+                                        s.accumulator.data(), false);
+          }
+        }
       }
     }
     for (int64_t h = 0; h < heads; ++h) {
@@ -361,7 +388,7 @@ class FlashDecodeCpu {
   // the cache when the tile is whole, inside one block and already in the compute type;
   // otherwise gathered into `stage` and padded with zero rows (a row past the sequence is
   // never read: it may hold anything).
-  const CT* tile_rows(const CacheView& cache, const WorkItem& item, int64_t first, int64_t count, int64_t dim,
+  const CT* tile_rows(const CacheView& cache, int64_t dim, const WorkItem& item, int64_t first, int64_t count,
                       std::vector<CT>& stage, int64_t* stride) const {
     const int64_t offset = first % shape_.block_size;
     if constexpr (std::is_same_v<KVT, CT>) {
@@ -385,27 +412,24 @@ class FlashDecodeCpu {
     s.values.resize(kTile * std::max(dim_k, dim_v));
     tile_row_pointers(key_, item, first, count, rows);
     tile_scores_vector<KVT>(rows, count, s.queries.data(), heads, dim_k, s.values.data(), s.scores.data());
-    softmax_tile(s, heads, heads, count);
+    softmax_tile(s, heads, heads, count, kTile);
     if (!shape_.mla) tile_row_pointers(value_, item, first, count, rows);
     tile_values_vector<KVT>(rows, count, s.probabilities.data(), kTile, heads, dim_v, s.values.data(),
                             s.accumulator.data());
   }
 
-  // Asks for the K and V rows of the tile at `first` ahead of their use: a KV head's rows are
-  // Hkv * D elements apart in the cache, a pattern the hardware prefetchers follow badly.
-  void prefetch_tile(const WorkItem& item, int64_t first) const {
+  // Asks for `dim` elements of the rows of the tile at `first` ahead of their use: a KV head's
+  // rows are Hkv * D elements apart in the cache, a pattern the hardware prefetchers follow
+  // badly.
+  void prefetch_rows(const CacheView& cache, int64_t dim, const WorkItem& item, int64_t first) const {
     const int64_t count = std::min(first + kTile, item.token_end) - first;
     if (count <= 0) return;
     const KVT* rows[kTile];
-    const auto prefetch = [&](const CacheView& cache, int64_t dim) {
-      tile_row_pointers(cache, item, first, count, rows);
-      const int64_t bytes = dim * static_cast<int64_t>(sizeof(KVT));
-      for (int64_t t = 0; t < count; ++t) {
-        for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(rows[t]) + byte);
-      }
-    };
-    prefetch(key_, shape_.head_dim_k);
-    if (!shape_.mla) prefetch(value_, shape_.head_dim_v);
+    tile_row_pointers(cache, item, first, count, rows);
+    const int64_t bytes = dim * static_cast<int64_t>(sizeof(KVT));
+    for (int64_t t = 0; t < count; ++t) {
+      for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(rows[t]) + byte);
+    }
   }
 
   // Row pointers of tokens [first, first + count) of one KV head: one division per tile (a
@@ -434,7 +458,8 @@ class FlashDecodeCpu {
   // Online softmax over the tile's scores S[t, h] (t < count; later rows are padding): folds
   // them into each head's state, rescales the accumulator, and writes P[h, t] rounded to q's
   // dtype (zero for padding rows).
-  void softmax_tile(Scratch<CT>& s, int64_t heads, int64_t width, int64_t count) const {
+  // P rows are `stride` long: zero from count on (a GEMM tile past the sequence reads zeros).
+  void softmax_tile(Scratch<CT>& s, int64_t heads, int64_t width, int64_t count, int64_t stride) const {
     float* tile_max = s.tile_max.data();
     float* offset = s.offset.data();
     scale_and_max(s.scores.data(), width, heads, count, score_scale_log2_, tile_max);
@@ -447,9 +472,9 @@ class FlashDecodeCpu {
     exponentiate_tile(probabilities, width, heads, count, offset, s.tile_sum.data());
     for (int64_t h = 0; h < heads; ++h) {
       s.states[h].sum += s.tile_sum[h];
-      CT* row = &s.probabilities[h * kTile];
+      CT* row = &s.probabilities[h * stride];
       round_probabilities<QT, CT>(probabilities, width, h, count, row);
-      std::fill(row + count, row + kTile, CT(0.0f));
+      std::fill(row + count, row + stride, CT(0.0f));
     }
   }
 
