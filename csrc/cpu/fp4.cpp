@@ -12,6 +12,7 @@
 
 #include "fp4_args.h"
 #include "helix/fp4.h"
+#include "simd.h"
 
 namespace helix {
 namespace {
@@ -137,37 +138,45 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& block_
 // bits (E2M1 x E4M3) or is a power-of-two multiple (E8M0), so it is a bf16; bf16 x bf16
 // products are exact in the fp32 accumulator (only the order of the sums differs). Per expert
 // and tile of kWeightRows weight rows:
-// the rows dequantized into bf16 (one table load per packed byte), then
+// the rows dequantized into bf16 (vector arithmetic, dequantize_row_pairs), then
 //   C^T[n, t] = W_tile[n, K] x x_e^T[K, t]
 // against the expert's activations packed once (VNNI: [K/2][tokens][2]), scaled by the global
 // scale and rounded to bf16.
 constexpr int64_t kWeightRows = 32;
 constexpr int64_t kTokenSlab = 64;  // tokens per brgemm (a packed B is at most 64 wide)
 
-// pairs[scale code][byte] = the two bf16 values of a packed byte (low nibble first) at that
-// block scale, for one format: built once per process.
-const uint32_t* fp4_pair_table(bool nvfp4) {
-  static const std::vector<uint32_t> tables = [] {
-    std::vector<uint32_t> pairs(2 * 256 * 256);
-    for (int format = 0; format < 2; ++format) {
-      for (uint32_t scale = 0; scale < 256; ++scale) {
-        const uint8_t code = static_cast<uint8_t>(scale);
-        const float multiplier = block_multiplier(&code, 0, format == 1, 1.0f);
-        for (uint32_t byte = 0; byte < 256; ++byte) {
-          const uint32_t low = float_bits(e2m1_to_float(byte & 0xFu) * multiplier) >> 16;
-          const uint32_t high = float_bits(e2m1_to_float(byte >> 4) * multiplier) >> 16;
-          pairs[(format * 256 + scale) * 256 + byte] = low | (high << 16);
-        }
-      }
-    }
-    return pairs;
-  }();
-  return tables.data() + (nvfp4 ? 256 * 256 : 0);
+// bf16 bits of an E2M1 code (the value e2m1_to_float gives): 0, 0.5, then 1.0-6.0 as
+// exponent/mantissa fields shifted into place.
+inline uint32_t e2m1_bf16_bits(uint32_t code) {
+  const uint32_t magnitude = code & 7u;
+  const uint32_t bits = magnitude < 2 ? magnitude * 0x3F00u : (magnitude << 6) + 0x3F00u;
+  return bits | ((code & 8u) << 12);
 }
 
-// AMX reads bf16 subnormals as zero: the bf16 path runs only when no operand is one. Weights
-// are subnormal only under MXFP4 scale codes 0 and 1 (0.5 x 2^-127, 0.5 x 2^-126; an NVFP4
-// block multiplier without the global scale is at least 2^-9); activations are scanned.
+// One weight row as bf16 pairs (low nibble in the low half): code x block multiplier in fp32,
+// whose top 16 bits are the exact bf16 (NaN and inf included). PAIRS: bytes per block (8
+// NVFP4, 16 MXFP4).
+template <int PAIRS>
+HELIX_CPU_CLONES void dequantize_row_pairs(const uint8_t* __restrict w_row, const float* __restrict multipliers,
+                                          int64_t blocks, uint32_t* __restrict out) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float multiplier = multipliers[b];
+    for (int j = 0; j < PAIRS; ++j) {
+      const uint32_t byte = w_row[b * PAIRS + j];
+      const uint32_t low_code = e2m1_bf16_bits(byte & 0xFu) << 16, high_code = e2m1_bf16_bits(byte >> 4) << 16;
+      float low, high;
+      std::memcpy(&low, &low_code, sizeof(low));
+      std::memcpy(&high, &high_code, sizeof(high));
+      low *= multiplier;
+      high *= multiplier;
+      uint32_t low_bits, high_bits;
+      std::memcpy(&low_bits, &low, sizeof(low_bits));
+      std::memcpy(&high_bits, &high, sizeof(high_bits));
+      out[b * PAIRS + j] = (low_bits >> 16) | (high_bits & 0xFFFF0000u);
+    }
+  }
+}
+
 bool bf16_grouped_gemm_exact(const at::Tensor& x, const uint8_t* scale_data, int64_t num_scales,
                              const Fp4Format& format) {
   if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
@@ -186,8 +195,7 @@ bool bf16_grouped_gemm_exact(const at::Tensor& x, const uint8_t* scale_data, int
 void fp4_grouped_gemm_bf16(const at::Tensor& x, const uint8_t* w_data, const uint8_t* scale_data,
                            const float* global_data, const int32_t* end_data, const GroupedGemmShape& shape,
                            const Fp4Format& format, at::Tensor& y) {
-  const int64_t k = shape.k, blocks = k / format.block, pairs_per_block = format.block / 2;
-  const uint32_t* table = fp4_pair_table(format.nvfp4);
+  const int64_t k = shape.k, blocks = k / format.block;
   const at::Tensor activations = x.contiguous();
   const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(activations.const_data_ptr<c10::BFloat16>());
   c10::BFloat16* y_data = y.mutable_data_ptr<c10::BFloat16>();
@@ -232,6 +240,7 @@ void fp4_grouped_gemm_bf16(const at::Tensor& x, const uint8_t* w_data, const uin
   }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> weights(kWeightRows * (k / 2));
+    std::vector<float> multipliers(blocks);
     std::vector<float> products(kWeightRows * kTokenSlab);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e = work[i] / tiles_per_expert, n0 = (work[i] % tiles_per_expert) * kWeightRows;
@@ -239,10 +248,12 @@ void fp4_grouped_gemm_bf16(const at::Tensor& x, const uint8_t* w_data, const uin
       for (int64_t r = 0; r < rows; ++r) {
         const uint8_t* w_row = w_data + (e * shape.n + n0 + r) * (k / 2);
         const uint8_t* scale_row = scale_data + (e * shape.n + n0 + r) * blocks;
+        for (int64_t b = 0; b < blocks; ++b) multipliers[b] = block_multiplier(scale_row, b, format.nvfp4, 1.0f);
         uint32_t* out = weights.data() + r * (k / 2);
-        for (int64_t b = 0; b < blocks; ++b) {
-          const uint32_t* pairs = table + scale_row[b] * 256;
-          for (int64_t j = b * pairs_per_block; j < (b + 1) * pairs_per_block; ++j) out[j] = pairs[w_row[j]];
+        if (format.nvfp4) {
+          dequantize_row_pairs<kNvfp4Block / 2>(w_row, multipliers.data(), blocks, out);
+        } else {
+          dequantize_row_pairs<kMxfp4Block / 2>(w_row, multipliers.data(), blocks, out);
         }
       }
       const float global = global_data[e];
