@@ -269,6 +269,27 @@ class Prefilled:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     seconds: float
+    # generate's decode alone: from its first new token (the prefill's) to its last, and the
+    # tokens made in that time (the new tokens after the first)
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+
+class _TokenClock:
+    """A generate streamer that only notes when each batch of tokens arrives: the prompt
+    first, then every new token (transformers' BaseStreamer protocol: put, end)."""
+
+    def __init__(self, synchronize):
+        import time
+
+        self.now, self.synchronize, self.times = time.perf_counter, synchronize, []
+
+    def put(self, value):
+        self.synchronize()
+        self.times.append(self.now())
+
+    def end(self):
+        pass
 
 
 @torch.no_grad()
@@ -277,12 +298,16 @@ def reference_generate(hf_model, prompt_ids: list[int], max_new_tokens: int) -> 
     import time
 
     start = time.perf_counter()
-    ids = torch.tensor([prompt_ids], device=model_device(hf_model))
+    device = model_device(hf_model)
+    ids = torch.tensor([prompt_ids], device=device)
+    clock = _TokenClock(torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                             do_sample=False, num_beams=1, repetition_penalty=1.0, top_k=None, top_p=None,
                             temperature=None, return_dict_in_generate=True, output_logits=True,
-                            pad_token_id=hf_model.generation_config.pad_token_id)
+                            pad_token_id=hf_model.generation_config.pad_token_id, streamer=clock)
     seconds = time.perf_counter() - start
+    # clock.times: the prompt, then each new token; the decode runs from the first new token on.
+    decode_times = clock.times[1:]
     cache = getattr(out, "cache", None)
     if cache is None:  # transformers before the `cache` field
         cache = out.past_key_values
@@ -292,7 +317,8 @@ def reference_generate(hf_model, prompt_ids: list[int], max_new_tokens: int) -> 
         keys.append(layer.keys[0, :, :n].transpose(0, 1).contiguous().cpu())      # [T, Hkv, D]
         values.append(layer.values[0, :, :n].transpose(0, 1).contiguous().cpu())
     tokens = out.sequences[0, n:].tolist()
-    return Prefilled(tokens, torch.cat(out.logits).float().cpu(), keys, values, seconds)
+    return Prefilled(tokens, torch.cat(out.logits).float().cpu(), keys, values, seconds,
+                     decode_times[-1] - decode_times[0] if len(decode_times) > 1 else 0.0, max(0, len(decode_times) - 1))
 
 
 @torch.no_grad()

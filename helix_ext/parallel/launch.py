@@ -168,6 +168,10 @@ def spawn_threads(fn: Callable[..., Any], world_size: int, args: tuple = (), tim
                 dist.destroy_process_group()
 
     _TIMEOUT[0] = datetime.timedelta(seconds=timeout_s)
+    # The ranks share the process's cores as process ranks do (_worker): each op a rank
+    # runs gets cores / ranks threads, so their parallel regions do not oversubscribe the CPU.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     world = _install_threaded_pg()
     # Group names live in one process-wide C++ registry (for functional collectives, which the
     # runtime does not use): every thread's default group is "0", so registering would collide.
@@ -190,6 +194,7 @@ def spawn_threads(fn: Callable[..., Any], world_size: int, args: tuple = (), tim
         c10d._register_process_group = register
         _uninstall_threaded_pg()
         ProcessLocalGroup.reset()
+        torch.set_num_threads(threads_before)
     for rank in range(world_size):
         outcome.setdefault(rank, ("error", f"rank {rank} gave no result (stuck after another rank failed, "
                                            f"or past {timeout_s + 60:.0f} s)"))

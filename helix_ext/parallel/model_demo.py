@@ -235,6 +235,12 @@ def compare(run: ModelRun, context: dict, ranks: list[dict], helix_seconds: floa
         "decode_steps_run": ranks[0]["steps_run"],  # past an EOS too (the table's KV, bytes, times count them)
         "load_seconds": context["load_seconds"],
         "reference_seconds": reference.seconds,
+        # Decode rates, prefill excluded: transformers' generate from its first new token on;
+        # Helix's decode loop on its slowest rank (every step it ran).
+        "reference_decode_tokens_per_second": (reference.decode_tokens / reference.decode_seconds
+                                               if reference.decode_seconds > 0 else None),
+        "helix_decode_tokens_per_second": (ranks[0]["steps_run"] / max(r["decode_seconds"] for r in ranks)
+                                           if ranks[0]["steps_run"] else None),
         "helix_wall_seconds": helix_seconds,
         "tokens_per_rank": [r["kv_tokens_held"] for r in ranks],
         "ranks": [{k: v for k, v in r.items() if k not in ("tokens", "logits")} for r in ranks],
@@ -299,6 +305,10 @@ def format_model_report(report: dict) -> str:
         lines.append(f"{report['dtype']}: transformers' bf16 noise {report['bf16_noise']:.3g} (max |bf16 - fp32 logit| "
                      f"on {report['reference_device']}); its smallest top-2 margin {report['min_top2_margin']:.3g}, "
                      + ("no near-tie" if near_tie is None else f"first within the tolerance at token {near_tie}"))
+    helix_rate, reference_rate = report["helix_decode_tokens_per_second"], report["reference_decode_tokens_per_second"]
+    if helix_rate and reference_rate:
+        lines.append(f"decode rate (prefill excluded): Helix {helix_rate:.2f} tokens/s (slowest rank), transformers "
+                     f"{reference_rate:.2f} tokens/s: {helix_rate / reference_rate:.2f}x")
     lines.append(f"(load {report['load_seconds']:.1f} s, transformers generate {report['reference_seconds']:.1f} s, "
                  f"Helix ranks {report['helix_wall_seconds']:.1f} s wall incl. start-up)")
     return "\n".join(lines)
