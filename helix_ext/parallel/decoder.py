@@ -37,8 +37,8 @@ from helix_ext.parallel.experts import local_experts, route
 from helix_ext.parallel.ffn import DenseFfn, ffn_granule
 from helix_ext.parallel.kv_cache import HelixKVCache
 from helix_ext.parallel.launch import collective_timeout
-from helix_ext.parallel.models import (ModelConfig, apply_rope, context_block, make_weights, mla_query_and_entry,
-                                       rms_norm, rope_inverse_frequencies, swiglu)
+from helix_ext.parallel.models import (ModelConfig, context_block, make_weights, mla_query_and_entry, rms_norm,
+                                       rope_cos_sin, rope_inverse_frequencies, rotate, swiglu)
 
 
 # Process-group backends whose collectives a CUDA graph can capture ("fake": the GPU dry run).
@@ -195,23 +195,24 @@ class HelixDecoder:
         return w
 
     # ------------------------------------------------------------------ attention
-    def _qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
-        """(queries [B, Hq_local, Dk], keys [B, Hkv_local, Dk], values or None) of the new token."""
+    def _qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor, rope):
+        """(queries [B, Hq_local, Dk], keys [B, Hkv_local, Dk], values or None) of the new token;
+        rope: the step's (cos, sin) tables (rope_cos_sin), shared by every layer."""
         m, w, p = self.model, self.w, f"layers.{layer}."
         if m.mla:
             query, entry = mla_query_and_entry(m, w, p, h, positions, range(m.num_q_heads), self.rope_inverse)
             return query, entry, None
         d = m.head_dim
-        q = apply_rope((h @ w[p + "wq"].T).view(h.shape[0], -1, d), positions, m.rope_theta, self.rope_inverse)
-        k = apply_rope((h @ w[p + "wk"].T).view(h.shape[0], -1, d), positions, m.rope_theta, self.rope_inverse)
+        q = rotate((h @ w[p + "wq"].T).view(h.shape[0], -1, d), *rope)
+        k = rotate((h @ w[p + "wk"].T).view(h.shape[0], -1, d), *rope)
         v = (h @ w[p + "wv"].T).view(h.shape[0], -1, d)
         return q, k, v
 
-    def _attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor, slots) -> torch.Tensor:
+    def _attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor, slots, rope) -> torch.Tensor:
         m, w, p, cache = self.model, self.w, f"layers.{layer}.", self.cache
         h = rms_norm(x, w[p + "attn_norm"], m.rms_eps)
         with self.timers.phase("attention"):
-            q, k, v = self._qkv(layer, h, positions)
+            q, k, v = self._qkv(layer, h, positions, rope)
             cache.write(layer, slots, k, v)
         dim_v = m.cache_head_dims[1]
         # HOP-B chunks of the batch (host ints: the first ones one row larger, empty ones dropped).
@@ -273,8 +274,9 @@ class HelixDecoder:
         m, w = self.model, self.w
         slots = self.cache.step_slots()
         x = w["embed"][tokens.to(self.device)]  # tokens already on the device: no copy
+        rope = None if m.mla else rope_cos_sin(slots.positions, self.rope_inverse)  # once per step, not per layer
         for layer in range(m.num_layers):
-            x = x + self._attention(layer, x, slots.positions, slots)
+            x = x + self._attention(layer, x, slots.positions, slots, rope)
             x = x + self._ffn(layer, x)
         return (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
 

@@ -168,12 +168,22 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
     position 4000 a float64 angle already differs from the float32 one by ~1e-4 rad.
     ``inverse``: the inverse frequencies already on x's device (rope_inverse_frequencies,
     copied once), so a decode step builds nothing on the host."""
-    d = x.shape[-1]
     if inverse is None:
-        inverse = rope_inverse_frequencies(d, theta)
-    angles = positions.to(device=x.device, dtype=torch.float32).unsqueeze(-1) * inverse.to(x.device)  # [B, d/2]
+        inverse = rope_inverse_frequencies(x.shape[-1], theta)
+    return rotate(x, *rope_cos_sin(positions, inverse.to(x.device)))
+
+
+def rope_cos_sin(positions: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, d] of the angles position * inv_freq (float32, on inverse's device):
+    what apply_rope rotates by, computed once per decode step and shared by every layer."""
+    angles = positions.to(device=inverse.device, dtype=torch.float32).unsqueeze(-1) * inverse  # [B, d/2]
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-    cos, sin = angles.cos(), angles.sin()
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, d] rotated (rotate-half) by rope_cos_sin's tables, in float32."""
+    d = x.shape[-1]
     x32 = x.float()
     rotated = torch.cat([-x32[..., d // 2:], x32[..., :d // 2]], dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)

@@ -87,9 +87,9 @@ def test_a_host_to_device_copy_inside_a_step_is_caught(monkeypatch):
     # What step() did before: positions built on the host and copied every step.
     original = HelixDecoder._attention
 
-    def attention_with_host_positions(self, layer, x, positions, slots):
+    def attention_with_host_positions(self, layer, x, positions, slots, rope):
         host_positions = torch.tensor([0] * x.shape[0], device=self.device)
-        return original(self, layer, x, positions + host_positions, slots)
+        return original(self, layer, x, positions + host_positions, slots, rope)
 
     monkeypatch.setattr(HelixDecoder, "_attention", attention_with_host_positions)
     with pytest.raises(DryRunViolation, match=r"on cpu inside a decode step"):
