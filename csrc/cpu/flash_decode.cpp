@@ -130,6 +130,26 @@ inline uint32_t fp8_e4m3_to_float_bits(uint8_t code) {
   return ((kQuietNanBitsF32 & is_nan) | (bits & ~is_nan)) | sign;
 }
 
+// Element d of a cache row as a float (exact), written for the vectorizer.
+template <typename KVT>
+inline float widen(const KVT* row, int64_t d) {
+  if constexpr (std::is_same_v<KVT, float>) {
+    return row[d];
+  } else if constexpr (std::is_same_v<KVT, BFloat16>) {
+    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(row)[d]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  } else if constexpr (std::is_same_v<KVT, uint8_t>) {
+    const uint32_t bits = fp8_e4m3_to_float_bits(row[d]);
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  } else {
+    return static_cast<float>(row[d]);
+  }
+}
+
 // One cache row, converted to the compute type (exact: fp8 and bf16 into bf16, any into fp32).
 template <typename KVT, typename CT>
 HELIX_CPU_CLONES void convert_row(const KVT* __restrict source, int64_t count, CT* __restrict destination) {
@@ -140,11 +160,8 @@ HELIX_CPU_CLONES void convert_row(const KVT* __restrict source, int64_t count, C
     for (int64_t d = 0; d < count; ++d) {  // every E4M3 value is a bf16: the top half of its fp32 bits
       bits[d] = static_cast<uint16_t>(fp8_e4m3_to_float_bits(source[d]) >> 16);
     }
-  } else if constexpr (std::is_same_v<KVT, uint8_t>) {
-    uint32_t* bits = reinterpret_cast<uint32_t*>(destination);
-    for (int64_t d = 0; d < count; ++d) bits[d] = fp8_e4m3_to_float_bits(source[d]);
   } else {
-    for (int64_t d = 0; d < count; ++d) destination[d] = static_cast<CT>(static_cast<float>(source[d]));
+    for (int64_t d = 0; d < count; ++d) destination[d] = widen(source, d);  // CT is float
   }
 }
 
@@ -165,26 +182,6 @@ HELIX_CPU_CLONES void interleave_rows(const KVT* __restrict even, const KVT* __r
     for (int64_t n = 0; n < count; ++n) out[n] = bits(even, n);
   } else {
     for (int64_t n = 0; n < count; ++n) out[n] = bits(even, n) | (bits(odd, n) << 16);
-  }
-}
-
-// Element d of a cache row as a float (exact), written for the vectorizer.
-template <typename KVT>
-inline float widen(const KVT* row, int64_t d) {
-  if constexpr (std::is_same_v<KVT, float>) {
-    return row[d];
-  } else if constexpr (std::is_same_v<KVT, BFloat16>) {
-    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(row)[d]) << 16;
-    float value;
-    std::memcpy(&value, &bits, sizeof(value));
-    return value;
-  } else if constexpr (std::is_same_v<KVT, uint8_t>) {
-    const uint32_t bits = fp8_e4m3_to_float_bits(row[d]);
-    float value;
-    std::memcpy(&value, &bits, sizeof(value));
-    return value;
-  } else {
-    return static_cast<float>(row[d]);
   }
 }
 
@@ -393,8 +390,10 @@ class FlashDecodeCpu {
     const int64_t offset = first % shape_.block_size;
     if constexpr (std::is_same_v<KVT, CT>) {
       if (count == kTile && offset + kTile <= shape_.block_size && cache.stride_token >= dim) {
+        const KVT* start;
+        tile_row_pointers(cache, item, first, 1, &start);
         *stride = cache.stride_token;
-        return row(cache, item.batch, first, item.kv_head);
+        return start;
       }
     }
     stage.resize(kTile * dim);
@@ -448,13 +447,6 @@ class FlashDecodeCpu {
     }
   }
 
-  const KVT* row(const CacheView& cache, int64_t batch, int64_t token, int64_t head) const {
-    const int64_t block = block_table_[batch * block_table_strides_[0] +
-                                       (token / shape_.block_size) * block_table_strides_[1]];
-    return static_cast<const KVT*>(cache.data) + block * cache.stride_block +
-           (token % shape_.block_size) * cache.stride_token + head * cache.stride_head;
-  }
-
   // Online softmax over the tile's scores S[t, h] (t < count; later rows are padding): folds
   // them into each head's state, rescales the accumulator, and writes P[h, t] rounded to q's
   // dtype (zero for padding rows).
@@ -490,11 +482,21 @@ class FlashDecodeCpu {
   float score_scale_log2_, value_scale_;
 };
 
+bool uses_vector_engine(const FlashDecodeShape& shape) {
+  return shape.num_q_heads / shape.num_kv_heads <= kVectorMaxGroup;
+}
+
+// bf16 operands: B packed in VNNI pairs of rows (AMX), so the reduction dims must be even;
+// Dv a multiple of 16 (the widths tested).
+bool bf16_gemm_available(const FlashDecodeShape& shape) {
+  return at::native::cpublas::could_pack(at::kBFloat16) && shape.head_dim_k % 2 == 0 && shape.head_dim_v % 16 == 0;
+}
+
 template <typename QT, typename KVT, typename CT>
 void flash_decode_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache,
                            const at::Tensor& block_table, const at::Tensor& seq_lens, const FlashDecodeShape& shape,
                            float softmax_scale, float k_scale, float v_scale, at::Tensor& out, at::Tensor& lse) {
-  const bool vector = !std::is_same_v<CT, BFloat16> && shape.num_q_heads / shape.num_kv_heads <= kVectorMaxGroup;
+  const bool vector = !std::is_same_v<CT, BFloat16> && uses_vector_engine(shape);
   const FlashDecodeCpu<QT, KVT, CT> kernel(q, k_cache, v_cache, block_table, shape, softmax_scale, k_scale, v_scale,
                                            vector);
   const int64_t group = shape.num_q_heads / shape.num_kv_heads, dim_v = shape.head_dim_v;
@@ -559,11 +561,6 @@ float scale_value(const std::optional<at::Tensor>& scale) {
   return scale.has_value() ? scale->item<float>() : 1.0f;
 }
 
-// bf16 operands: B packed in VNNI pairs of rows (AMX), so the reduction dims must be even;
-// Dv a multiple of 16 (the widths tested).
-bool bf16_gemm_available(const FlashDecodeShape& shape) {
-  return at::native::cpublas::could_pack(at::kBFloat16) && shape.head_dim_k % 2 == 0 && shape.head_dim_v % 16 == 0;
-}
 
 std::tuple<at::Tensor, at::Tensor> flash_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                     const std::optional<at::Tensor>& v_cache,
@@ -584,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor> flash_decode_cpu(const at::Tensor& q, const a
         v_multiplier, out, lse);
   };
   if (q.scalar_type() == at::kBFloat16) {
-    if (bf16_gemm_available(shape) && shape.num_q_heads / shape.num_kv_heads > kVectorMaxGroup) {
+    if (bf16_gemm_available(shape) && !uses_vector_engine(shape)) {
       shape.kv_fp8 ? run(BFloat16(), uint8_t(), BFloat16()) : run(BFloat16(), BFloat16(), BFloat16());
     } else {
       shape.kv_fp8 ? run(BFloat16(), uint8_t(), float()) : run(BFloat16(), BFloat16(), float());

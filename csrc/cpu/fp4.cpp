@@ -177,26 +177,28 @@ HELIX_CPU_CLONES void dequantize_row_pairs(const uint8_t* __restrict w_row, cons
   }
 }
 
-bool bf16_grouped_gemm_exact(const at::Tensor& x, const uint8_t* scale_data, int64_t num_scales,
+// AMX reads bf16 subnormals as zero: the bf16 path runs only when no operand is one. Weights
+// are subnormal only under MXFP4 scale codes 0 and 1 (0.5 x 2^-127, 0.5 x 2^-126; an NVFP4
+// block multiplier without the global scale is at least 2^-9); the activations (x, contiguous)
+// are scanned.
+bool bf16_grouped_gemm_exact(const at::Tensor& activations, const uint8_t* scale_data, int64_t num_scales,
                              const Fp4Format& format) {
-  if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
   if (!format.nvfp4) {
     for (int64_t i = 0; i < num_scales; ++i) {
       if (scale_data[i] < 2) return false;
     }
   }
-  const at::Tensor activations = x.contiguous();
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(activations.const_data_ptr<c10::BFloat16>());
   bool subnormal = false;
   for (int64_t i = 0; i < activations.numel(); ++i) subnormal |= (bits[i] & 0x7F80u) == 0 && (bits[i] & 0x7Fu) != 0;
   return !subnormal;
 }
 
-void fp4_grouped_gemm_bf16(const at::Tensor& x, const uint8_t* w_data, const uint8_t* scale_data,
+// activations: x, contiguous.
+void fp4_grouped_gemm_bf16(const at::Tensor& activations, const uint8_t* w_data, const uint8_t* scale_data,
                            const float* global_data, const int32_t* end_data, const GroupedGemmShape& shape,
                            const Fp4Format& format, at::Tensor& y) {
   const int64_t k = shape.k, blocks = k / format.block;
-  const at::Tensor activations = x.contiguous();
   const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(activations.const_data_ptr<c10::BFloat16>());
   c10::BFloat16* y_data = y.mutable_data_ptr<c10::BFloat16>();
 
@@ -288,9 +290,12 @@ at::Tensor fp4_grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const 
   const uint8_t* scale_data = static_cast<const uint8_t*>(scales.const_data_ptr());
   const float* global_data = globals.const_data_ptr<float>();
   const int32_t* end_data = ends.const_data_ptr<int32_t>();
-  if (shape.k > 0 && bf16_grouped_gemm_exact(x, scale_data, scales.numel(), format)) {
-    fp4_grouped_gemm_bf16(x, w_data, scale_data, global_data, end_data, shape, format, y);
-    return y;
+  if (shape.k > 0 && at::native::cpublas::could_pack(at::kBFloat16)) {
+    const at::Tensor activations = x.contiguous();
+    if (bf16_grouped_gemm_exact(activations, scale_data, scales.numel(), format)) {
+      fp4_grouped_gemm_bf16(activations, w_data, scale_data, global_data, end_data, shape, format, y);
+      return y;
+    }
   }
   const at::Tensor activations = x.to(at::kFloat);
   const int64_t k = shape.k, blocks = k / format.block;

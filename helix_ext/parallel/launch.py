@@ -128,8 +128,13 @@ def init_process_group(rank: int, world_size: int, port: int, backend: str, time
     start_process_group(backend, rank, world_size, timeout_s)
 
 
+def rank_threads(world_size: int) -> int:
+    """Torch threads per rank when world_size ranks share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 def _worker(fn, rank, world_size, port, backend, timeout_s, args, results):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(rank_threads(world_size))
     try:
         init_process_group(rank, world_size, port, backend, timeout_s)
         results.put((rank, "ok", fn(rank, backend, *args)))
@@ -171,7 +176,7 @@ def spawn_threads(fn: Callable[..., Any], world_size: int, args: tuple = (), tim
     # The ranks share the process's cores as process ranks do (_worker): each op a rank
     # runs gets cores / ranks threads, so their parallel regions do not oversubscribe the CPU.
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(rank_threads(world_size))
     world = _install_threaded_pg()
     # Group names live in one process-wide C++ registry (for functional collectives, which the
     # runtime does not use): every thread's default group is "0", so registering would collide.
