@@ -1,4 +1,4 @@
-// Argument checks of the HOP-B fused-combine ops (hopb_signal, hopb_combine), shared by
+// Argument checks of the HOP-B peer-memory ops (hopb_signal, hopb_combine, hopb_all_reduce), shared by
 // their CPU and CUDA launchers. These ops are internal: helix_ext.parallel.FusedExchange
 // owns the (symmetric / shared) buffers whose views it passes, so no raw pointer crosses
 // the Python API.
@@ -69,6 +69,44 @@ inline std::tuple<int64_t, int64_t, int64_t> check_hopb_combine_args(
               kHopbMaxTimeoutSeconds, "] seconds (the wait is bounded), got ", timeout_s);
   TORCH_CHECK(first.size(2) >= 1, "hopb_combine: peer_out must have a head dim D >= 1, got shape ", first.sizes());
   return {first.size(0), first.size(1), first.size(2)};
+}
+
+// Returns the number of elements of each part.
+inline int64_t check_hopb_all_reduce_args(const std::vector<at::Tensor>& peer_parts,
+                                          const std::vector<at::Tensor>& peer_flags, const at::Tensor& epoch,
+                                          int64_t chunk, double timeout_s, const at::Tensor& error) {
+  const size_t peers = peer_parts.size();
+  TORCH_CHECK(peers >= 1 && peers <= kHopbMaxPeers, "hopb_all_reduce: needs 1 to ", kHopbMaxPeers,
+              " peers, got ", peers);
+  TORCH_CHECK(peer_flags.size() == peers, "hopb_all_reduce: peer_parts and peer_flags must list the same peers, got ",
+              peers, " and ", peer_flags.size());
+  const at::Tensor& first = peer_parts[0];
+  const auto dtype = first.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "hopb_all_reduce: peer_parts must be float32, bfloat16 or float16, got ", dtype);
+  for (size_t i = 0; i < peers; ++i) {
+    TORCH_CHECK(peer_parts[i].sizes() == first.sizes() && peer_parts[i].scalar_type() == dtype &&
+                    peer_parts[i].is_contiguous(),
+                "hopb_all_reduce: peer_parts[", i, "] must be contiguous with peer_parts[0]'s shape ", first.sizes(),
+                " and dtype ", dtype, ", got ", peer_parts[i].sizes(), " ", peer_parts[i].scalar_type());
+    TORCH_CHECK(peer_flags[i].scalar_type() == at::kInt && peer_flags[i].dim() == 1 &&
+                    peer_flags[i].is_contiguous() && chunk >= 0 && chunk < peer_flags[i].size(0),
+                "hopb_all_reduce: peer_flags[", i, "] must be a contiguous 1-D int32 tensor with a flag for chunk ",
+                chunk, ", got ", peer_flags[i].scalar_type(), " ", peer_flags[i].sizes(), " with strides ",
+                peer_flags[i].strides());
+    TORCH_CHECK(peer_parts[i].device() == first.device() && peer_flags[i].device() == first.device(),
+                "hopb_all_reduce: every peer view must be on ", first.device(), " (peer ", i, " is not)");
+  }
+  TORCH_CHECK(epoch.scalar_type() == at::kInt && epoch.dim() == 1 && epoch.is_contiguous() && chunk < epoch.size(0) &&
+                  epoch.device() == first.device(),
+              "hopb_all_reduce: epoch must be a contiguous 1-D int32 tensor on ", first.device(),
+              " with an entry for chunk ", chunk, ", got ", epoch.scalar_type(), " ", epoch.sizes(), " with strides ",
+              epoch.strides());
+  TORCH_CHECK(error.scalar_type() == at::kInt && error.numel() >= 1 && error.device() == first.device(),
+              "hopb_all_reduce: error must be an int32 tensor on ", first.device());
+  TORCH_CHECK(timeout_s > 0 && timeout_s <= kHopbMaxTimeoutSeconds, "hopb_all_reduce: timeout_s must be in (0, ",
+              kHopbMaxTimeoutSeconds, "] seconds (the wait is bounded), got ", timeout_s);
+  return first.numel();
 }
 
 }  // namespace helix

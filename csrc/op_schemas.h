@@ -26,6 +26,9 @@ inline void define_op_schemas(torch::Library& m) {
   m.def("hopb_signal(Tensor(a!) flags, Tensor(b!) epoch, int chunk) -> ()");
   m.def("hopb_combine(Tensor[] peer_out, Tensor[] peer_lse, Tensor[] peer_flags, Tensor epoch, int chunk, "
         "float timeout_s, Tensor(a!) error) -> (Tensor out, Tensor lse)");
+  // The TP all-reduce over the same peer memory (internal to helix_ext.parallel.PeerAllReduce).
+  m.def("hopb_all_reduce(Tensor[] peer_parts, Tensor[] peer_flags, Tensor epoch, int chunk, float timeout_s, "
+        "Tensor(a!) error) -> Tensor");
 }
 
 }  // namespace helix

@@ -395,9 +395,10 @@ def _fp4_grouped_gemm_fake(x, w, w_scales, w_global_scale, offs, fmt):
 
 
 # ----------------------------------------------------------------------------- HOP-B internals
-# hopb_signal / hopb_combine are driven by helix_ext.parallel.FusedExchange, which owns the
-# symmetric (GPU) or shared (CPU) buffers whose views it passes: they are not public API.
-INTERNAL_OPS = frozenset({"hopb_signal", "hopb_combine"})
+# hopb_signal / hopb_combine / hopb_all_reduce are driven by helix_ext.parallel.FusedExchange and
+# PeerAllReduce, which own the symmetric (GPU) or shared (CPU) buffers whose views they pass:
+# they are not public API.
+INTERNAL_OPS = frozenset({"hopb_signal", "hopb_combine", "hopb_all_reduce"})
 _HOPB_MAX_TIMEOUT_S = 3600.0  # csrc/include/helix/hopb.h: kHopbMaxTimeoutSeconds
 
 
@@ -419,3 +420,13 @@ def _hopb_combine_fake(peer_out, peer_lse, peer_flags, epoch, chunk, timeout_s, 
                            f"bounded), got {timeout_s}")
     torch._check(dim >= 1, lambda: f"hopb_combine: peer_out must have a head dim D >= 1, got shape {tuple(first.shape)}")
     return first.new_empty((rows, heads, dim)), first.new_empty((rows, heads), dtype=torch.float32)
+
+
+@torch.library.register_fake("helix::hopb_all_reduce")
+def _hopb_all_reduce_fake(peer_parts, peer_flags, epoch, chunk, timeout_s, error):
+    if not peer_parts:
+        raise RuntimeError("hopb_all_reduce: needs 1 to 32 peers, got 0")
+    if not 0 < timeout_s <= _HOPB_MAX_TIMEOUT_S:
+        raise RuntimeError(f"hopb_all_reduce: timeout_s must be in (0, {_HOPB_MAX_TIMEOUT_S:g}] seconds (the wait is "
+                           f"bounded), got {timeout_s}")
+    return torch.empty_like(peer_parts[0], memory_format=torch.contiguous_format)

@@ -42,6 +42,17 @@ def merge_states_reference(parts_out: torch.Tensor, parts_lse: torch.Tensor, *,
     return out.to(out_dtype), lse.to(lse_dtype)
 
 
+def hopb_all_reduce_reference(peer_parts: list[torch.Tensor], *, compute_dtype: torch.dtype = torch.float64,
+                              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """hopb_all_reduce's value: the sum of the peers' parts (each the same shape), in peer order,
+    accumulated in compute_dtype (float64: the exact reference; float32: the kernels' own
+    order, which they match bit for bit), returned in out_dtype (default the parts' dtype)."""
+    total = torch.zeros(peer_parts[0].shape, dtype=compute_dtype, device=peer_parts[0].device)
+    for part in peer_parts:
+        total = total + part.to(compute_dtype)
+    return total.to(out_dtype or peer_parts[0].dtype)
+
+
 def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` token entries of one sequence from a paged cache: [length, Hkv, D]."""
     block_size = cache.shape[1]

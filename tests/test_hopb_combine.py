@@ -252,3 +252,106 @@ def test_graph_replays_see_new_inputs_and_epochs():
             torch.testing.assert_close((out, lse), expected, rtol=0, atol=0)
     torch.cuda.synchronize()
     assert error.item() == 0 and epoch[0].item() == 1001  # one eager step, then 1000 replays
+
+
+# ----------------------------------------------------------------------------- hopb_all_reduce
+def signalled_parts(num_peers, shape, dtype, device, slot=1, signalling=None):
+    """Peers' parts (fresh random values) with flags: the `signalling` peers (default all) and
+    this rank have signalled `slot` once (epoch 1)."""
+    parts = [(torch.randn(shape, dtype=torch.float64, device=device) * 4).to(dtype) for _ in range(num_peers)]
+    flags = [torch.zeros(2, dtype=torch.int32, device=device) for _ in range(num_peers)]
+    for peer in range(num_peers) if signalling is None else signalling:
+        torch.ops.helix.hopb_signal(flags[peer], torch.zeros(2, dtype=torch.int32, device=device), slot)
+    epoch = torch.zeros(2, dtype=torch.int32, device=device)
+    torch.ops.helix.hopb_signal(torch.zeros(2, dtype=torch.int32, device=device), epoch, slot)
+    return parts, flags, epoch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_peers", [1, 2, 6])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7), (4, 1, 64)], ids=["1x576", "3x7", "4x1x64"])
+def test_all_reduce_is_the_sum_of_the_parts(device, dtype, num_peers, shape):
+    from helix_ext.reference import hopb_all_reduce_reference
+
+    parts, flags, epoch = signalled_parts(num_peers, shape, dtype, device)
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.ops.helix.hopb_all_reduce(parts, flags, epoch, 1, 5.0, error)
+    assert out.shape == parts[0].shape and out.dtype == dtype and error.item() == 0
+    # Exact (float64) sum: within one rounding of the fp32 accumulation per term plus the output's.
+    exact = hopb_all_reduce_reference(parts, out_dtype=torch.float64)
+    scale = sum(p.double().abs() for p in parts)
+    bound = scale * (num_peers * 2.0 ** -24 + torch.finfo(dtype).eps) + 1e-30
+    assert ((out.double() - exact).abs() <= bound).all()
+    # The kernels' own order (fp32, peer by peer): the same bits, so every rank agrees.
+    assert torch.equal(out, hopb_all_reduce_reference(parts, compute_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_reduce_reports_a_peer_that_never_signals(device):
+    parts, flags, epoch = signalled_parts(4, (2, 16), torch.float32, device, signalling=[0, 1, 3])
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    start = time.monotonic()
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"hopb_all_reduce: peer 2 did not signal chunk 1 within 0.2 s"):
+            torch.ops.helix.hopb_all_reduce(parts, flags, epoch, 1, 0.2, error)
+    else:
+        torch.ops.helix.hopb_all_reduce(parts, flags, epoch, 1, 0.2, error)
+        torch.cuda.synchronize()
+    assert error.item() == 3  # 1 + the missing peer
+    assert time.monotonic() - start < 30
+
+
+def test_all_reduce_waits_for_a_late_peer_on_the_cpu():
+    parts, flags, epoch = signalled_parts(3, (2, 40), torch.bfloat16, "cpu", signalling=[0, 2])
+    final = parts[1].clone()
+    parts[1].fill_(float("nan"))  # written by the peer just before it signals
+
+    def late_peer():
+        parts[1].copy_(final)
+        torch.ops.helix.hopb_signal(flags[1], torch.zeros(2, dtype=torch.int32), 1)
+
+    threading.Timer(0.2, late_peer).start()
+    out = torch.ops.helix.hopb_all_reduce(parts, flags, epoch, 1, 10.0, torch.zeros(1, dtype=torch.int32))
+    from helix_ext.reference import hopb_all_reduce_reference
+    assert torch.equal(out, hopb_all_reduce_reference(parts, compute_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_reduce_bad_inputs(device):
+    parts, flags, epoch = signalled_parts(2, (3, 8), torch.float32, device)
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    cases = [
+        (([], [], epoch, 1, 1.0, error), r"needs 1 to 32 peers, got 0"),
+        ((parts, flags[:1], epoch, 1, 1.0, error), r"must list the same peers"),
+        ((parts, flags, epoch, 5, 1.0, error), r"with a flag for chunk 5"),
+        (([parts[0], parts[1][:, :4]], flags, epoch, 1, 1.0, error), r"peer_parts\[1\] must be contiguous"),
+        (([parts[0], parts[1].t().contiguous().t()], flags, epoch, 1, 1.0, error), r"peer_parts\[1\] must be contiguous"),
+        (([p.int() for p in parts], flags, epoch, 1, 1.0, error), r"must be float32, bfloat16 or float16"),
+        ((parts, [flags[0], torch.zeros(8, dtype=torch.int32, device=device)[::2]], epoch, 1, 1.0, error),
+         r"peer_flags\[1\] must be a contiguous 1-D int32"),
+        ((parts, flags, epoch[:1].expand(2), 1, 1.0, error), r"epoch must be a contiguous 1-D int32"),
+        ((parts, flags, epoch, 1, 1.0, error.float()), r"error must be an int32 tensor"),
+        ((parts, flags, epoch, 1, 0.0, error), r"timeout_s must be in \(0, 3600\]"),
+        ((parts, flags, epoch, 1, float("nan"), error), r"timeout_s must be in \(0, 3600\]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.helix.hopb_all_reduce(*args)
+    for args, message in [cases[i] for i in (0, 9, 10)]:  # what the fake kernel sees without data
+        with pytest.raises(RuntimeError, match=message), torch._subclasses.FakeTensorMode() as mode:
+            fake = [[mode.from_tensor(t) for t in a] if isinstance(a, list) else
+                    mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            torch.ops.helix.hopb_all_reduce.default(*fake)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_reduce_opcheck_and_compile(device):
+    parts, flags, epoch = signalled_parts(3, (2, 24), torch.bfloat16, device)
+    error = torch.zeros(1, dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.helix.hopb_all_reduce.default, (parts, flags, epoch, 1, 5.0, error))
+
+    def reduce(parts):
+        return torch.ops.helix.hopb_all_reduce(parts, flags, epoch, 1, 5.0, error) * 2
+
+    torch.testing.assert_close(torch.compile(reduce, fullgraph=True)(parts), reduce(parts), rtol=0, atol=0)

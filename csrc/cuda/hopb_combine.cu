@@ -31,10 +31,20 @@ std::tuple<at::Tensor, at::Tensor> hopb_combine_cuda(const std::vector<at::Tenso
                               launch_context(peer_out[0].get_device()));
 }
 
+at::Tensor hopb_all_reduce_cuda(const std::vector<at::Tensor>& peer_parts, const std::vector<at::Tensor>& peer_flags,
+                                const at::Tensor& epoch, int64_t chunk, double timeout_s, at::Tensor& error) {
+  const int64_t numel = check_hopb_all_reduce_args(peer_parts, peer_flags, epoch, chunk, timeout_s, error);
+  TORCH_CHECK(peer_parts[0].is_cuda(), "hopb_all_reduce: the peer views must be CUDA tensors here");
+  const c10::cuda::CUDAGuard device_guard(peer_parts[0].device());
+  return hopb_launch::all_reduce(peer_parts, peer_flags, epoch, chunk, timeout_s, error, numel,
+                                 launch_context(peer_parts[0].get_device()));
+}
+
 }  // namespace
 }  // namespace helix
 
 TORCH_LIBRARY_IMPL(helix, CUDA, m) {
   m.impl("hopb_signal", &helix::hopb_signal_cuda);
   m.impl("hopb_combine", &helix::hopb_combine_cuda);
+  m.impl("hopb_all_reduce", &helix::hopb_all_reduce_cuda);
 }

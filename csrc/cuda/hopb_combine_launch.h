@@ -1,5 +1,6 @@
-// HOP-B launcher bodies, device-agnostic: hopb_signal (one thread: epoch + release flag) and
-// hopb_combine (flag waits, then the merge of peer partials read in place). The peer views'
+// HOP-B launcher bodies, device-agnostic: hopb_signal (one thread: epoch + release flag),
+// hopb_combine (flag waits, then the merge of peer partials read in place) and hopb_all_reduce
+// (flag waits, then the sum of peer parts read in place). The peer views'
 // addresses travel as kernel parameters, so a captured CUDA graph replays them without host
 // work. Shared by the CUDA ops (hopb_combine.cu) and the SIMT host runtime's (csrc/simt/ops.cpp).
 #pragma once
@@ -75,6 +76,50 @@ inline std::tuple<at::Tensor, at::Tensor> combine(const std::vector<at::Tensor>&
     default: launch_combine<__nv_bfloat16>(params, vectorizable, context); break;
   }
   return {out, lse};
+}
+
+template <typename T>
+void launch_all_reduce(HopbAllReduceParams& params, bool vectorizable, const LaunchContext& context) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int vec = vectorizable ? kVec : 1;
+  const int64_t work = params.numel / vec;
+  const int blocks = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>((work + kHopbThreads - 1) / kHopbThreads, int64_t{context.multiprocessor_count} * 8)));
+  if (vectorizable) {
+    HELIX_LAUNCH(blocks, kHopbThreads, 0, context.stream, hopb_all_reduce_kernel<T, kVec>)(params);
+  } else {
+    HELIX_LAUNCH(blocks, kHopbThreads, 0, context.stream, hopb_all_reduce_kernel<T, 1>)(params);
+  }
+  HELIX_CUDA_LAUNCH_CHECK();
+}
+
+// After the device-independent checks (check_hopb_all_reduce_args, which gives numel).
+inline at::Tensor all_reduce(const std::vector<at::Tensor>& peer_parts, const std::vector<at::Tensor>& peer_flags,
+                             const at::Tensor& epoch, int64_t chunk, double timeout_s, at::Tensor& error,
+                             int64_t numel, const LaunchContext& context) {
+  at::Tensor out = at::empty(peer_parts[0].sizes(), peer_parts[0].options());
+  HopbAllReduceParams params{};
+  const int64_t element = peer_parts[0].element_size();
+  bool vectorizable = (numel * element) % 16 == 0 && is_aligned(out.data_ptr(), 16);
+  params.num_peers = static_cast<int>(peer_parts.size());
+  for (int p = 0; p < params.num_peers; ++p) {
+    params.peer_parts[p] = peer_parts[p].const_data_ptr();
+    params.peer_flags[p] = peer_flags[p].const_data_ptr<int32_t>();
+    vectorizable = vectorizable && is_aligned(params.peer_parts[p], 16);
+  }
+  params.epoch = epoch.const_data_ptr<int32_t>();
+  params.error = error.mutable_data_ptr<int32_t>();
+  params.out = out.mutable_data_ptr();
+  params.numel = numel;
+  params.timeout_ns = static_cast<uint64_t>(std::ceil(timeout_s * 1e9));
+  params.chunk = static_cast<int>(chunk);
+  // Launched even for numel = 0: the flag wait orders a later reuse of the peers' buffers.
+  switch (out.scalar_type()) {
+    case at::kFloat: launch_all_reduce<float>(params, vectorizable, context); break;
+    case at::kHalf: launch_all_reduce<__half>(params, vectorizable, context); break;
+    default: launch_all_reduce<__nv_bfloat16>(params, vectorizable, context); break;
+  }
+  return out;
 }
 
 }  // namespace hopb_launch

@@ -142,6 +142,13 @@ std::tuple<at::Tensor, at::Tensor> hopb_combine_simt(const std::vector<at::Tenso
                               call.context());
 }
 
+at::Tensor hopb_all_reduce_simt(const std::vector<at::Tensor>& peer_parts, const std::vector<at::Tensor>& peer_flags,
+                                const at::Tensor& epoch, int64_t chunk, double timeout_s, at::Tensor& error) {
+  const int64_t numel = check_hopb_all_reduce_args(peer_parts, peer_flags, epoch, chunk, timeout_s, error);
+  EmulatedCall call("hopb_all_reduce", peer_parts[0]);
+  return hopb_launch::all_reduce(peer_parts, peer_flags, epoch, chunk, timeout_s, error, numel, call.context());
+}
+
 // ---- probes: one warp runs a single PTX collective, for the fragment-table cross-check ----
 
 void mma_probe_kernel(const uint32_t* a, const uint32_t* b, const float* c, float* d, bool bf16) {
@@ -338,6 +345,7 @@ TORCH_LIBRARY_IMPL(helix_simt, CPU, m) {
   m.impl("fp4_grouped_gemm", &helix::simt::fp4_grouped_gemm_simt);
   m.impl("hopb_signal", &helix::simt::hopb_signal_simt);
   m.impl("hopb_combine", &helix::simt::hopb_combine_simt);
+  m.impl("hopb_all_reduce", &helix::simt::hopb_all_reduce_simt);
   m.impl("probe_mma", &helix::simt::probe_mma);
   m.impl("probe_ldmatrix", &helix::simt::probe_ldmatrix);
   m.impl("probe_widen_fp8", &helix::simt::probe_widen_fp8);

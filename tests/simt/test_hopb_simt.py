@@ -121,3 +121,75 @@ def test_a_nan_lse_gives_a_nan_row():
     assert error.item() == 0
     assert torch.isnan(out[2, 1]).all() and torch.isnan(lse[2, 1]) and torch.isnan(out[3, 0]).all()
     assert torch.isnan(out).sum() == 32 and torch.isnan(lse).sum() == 2
+
+
+# ----------------------------------------------------------------------------- hopb_all_reduce
+def signalled_parts(num_peers, numel, dtype, signalling=None, slot=1):
+    parts = [(torch.randn(numel, dtype=torch.float64) * 4).to(dtype) for _ in range(num_peers)]
+    flags = [torch.zeros(2, dtype=torch.int32) for _ in range(num_peers)]
+    for peer in range(num_peers) if signalling is None else signalling:
+        torch.ops.helix_simt.hopb_signal(flags[peer], torch.zeros(2, dtype=torch.int32), slot)
+    epoch = torch.zeros(2, dtype=torch.int32)
+    torch.ops.helix_simt.hopb_signal(torch.zeros(2, dtype=torch.int32), epoch, slot)  # this rank: epoch 1
+    return parts, flags, epoch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("numel", [7, 576])  # scalar and 16-byte paths
+@pytest.mark.parametrize("num_peers", [1, 3])
+def test_all_reduce_equals_the_sum(dtype, numel, num_peers):
+    from helix_ext.reference import hopb_all_reduce_reference
+
+    simt.module().reset_publications()
+    parts, flags, epoch = signalled_parts(num_peers, numel, dtype)
+    error = torch.zeros(1, dtype=torch.int32)
+    out = simt.run_all_schedules(torch.ops.helix_simt.hopb_all_reduce, parts, flags, epoch, 1, 5.0, error,
+                                 multiprocessor_count=1)
+    assert error.item() == 0
+    # The kernel's order (fp32, peer by peer): the same bits as the reference in that order and
+    # as the CPU op (every rank, CPU or GPU, agrees).
+    assert torch.equal(out, hopb_all_reduce_reference(parts, compute_dtype=torch.float32))
+    assert torch.equal(out, torch.ops.helix.hopb_all_reduce(parts, flags, epoch, 1, 5.0, error))
+    exact = hopb_all_reduce_reference(parts, out_dtype=torch.float64)
+    bound = sum(p.double().abs() for p in parts) * (num_peers * 2.0 ** -24 + torch.finfo(dtype).eps)
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+def test_all_reduce_grid_stride():
+    # 40960 fp32 = 10240 16-byte vectors for the 8 CTAs of 256 threads one SM gets: 5 trips.
+    from helix_ext.reference import hopb_all_reduce_reference
+
+    simt.module().reset_publications()
+    parts, flags, epoch = signalled_parts(2, 40960, torch.float32)
+    error = torch.zeros(1, dtype=torch.int32)
+    out = simt.run_all_schedules(torch.ops.helix_simt.hopb_all_reduce, parts, flags, epoch, 1, 5.0, error,
+                                 multiprocessor_count=1)
+    assert error.item() == 0 and torch.equal(out, hopb_all_reduce_reference(parts, compute_dtype=torch.float32))
+
+
+def test_all_reduce_times_out_with_the_missing_peer():
+    simt.module().reset_publications()
+    parts, flags, epoch = signalled_parts(3, 64, torch.bfloat16, signalling=[0, 2])
+    error = torch.zeros(1, dtype=torch.int32)
+    torch.ops.helix_simt.hopb_all_reduce(parts, flags, epoch, 1, 0.05, error)
+    assert error.item() == 2, "peer 1 (reported as 1 + peer) never signalled"
+
+
+def test_all_reduce_waits_for_a_late_peer():
+    from helix_ext.reference import hopb_all_reduce_reference
+
+    simt.module().reset_publications()
+    parts, flags, epoch = signalled_parts(2, 64, torch.float32, signalling=[0])
+    final = parts[1].clone()
+    parts[1].fill_(float("nan"))
+
+    def late_peer():
+        parts[1].copy_(final)
+        torch.ops.helix.hopb_signal(flags[1], torch.zeros(2, dtype=torch.int32), 1)
+
+    timer = threading.Timer(0.2, late_peer)
+    timer.start()
+    error = torch.zeros(1, dtype=torch.int32)
+    out = torch.ops.helix_simt.hopb_all_reduce(parts, flags, epoch, 1, 10.0, error)
+    timer.join()
+    assert error.item() == 0 and torch.equal(out, hopb_all_reduce_reference(parts, compute_dtype=torch.float32))

@@ -4,6 +4,8 @@
 // wall-clock spin that reports the missing peer instead of hanging. Then the CTA merges the
 // peers' partial outputs read in place over peer memory (16-byte loads that bypass the
 // caches, as the buffers are rewritten every step) with the merge_states math in fp32.
+// hopb_all_reduce_kernel waits the same way, then sums the peers' parts (a one-shot
+// all-reduce: the TP all-reduces of the decode step over the same peer memory).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -75,24 +77,33 @@ static __global__ void hopb_signal_kernel(int32_t* flags, int32_t* epoch, int ch
   store_release_system(flags + chunk, value);
 }
 
+// One thread: wait until every peer's flag for `chunk` has reached this rank's epoch (acquire
+// loads, a bounded wall-clock spin); on a timeout, record 1 + the first missing peer in
+// *error. Whether every peer signalled.
+HELIX_DEVICE bool hopb_wait_for_peers(const int32_t* const* peer_flags, int num_peers, const int32_t* epoch,
+                                      int chunk, uint64_t timeout_ns, int32_t* error) {
+  const int32_t expected = epoch[chunk];
+  const uint64_t start = global_timer_ns();
+  int missing = 0;
+  for (int p = 0; p < num_peers && missing == 0; ++p) {
+    while (!hopb_flag_reached(load_acquire_system(peer_flags[p] + chunk), expected)) {
+      if (global_timer_ns() - start > timeout_ns) {
+        missing = p + 1;
+        break;
+      }
+      __nanosleep(64);
+    }
+  }
+  if (missing != 0) atomicCAS(error, 0, missing);
+  return missing == 0;
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCombineParams params) {
   HELIX_SHARED_VARIABLE(int, ready);
   if (threadIdx.x == 0) {
-    const int32_t expected = params.epoch[params.chunk];
-    const uint64_t start = global_timer_ns();
-    int missing = 0;
-    for (int p = 0; p < params.num_peers && missing == 0; ++p) {
-      while (!hopb_flag_reached(load_acquire_system(params.peer_flags[p] + params.chunk), expected)) {
-        if (global_timer_ns() - start > params.timeout_ns) {
-          missing = p + 1;
-          break;
-        }
-        __nanosleep(64);
-      }
-    }
-    if (missing != 0) atomicCAS(params.error, 0, missing);
-    ready = missing == 0;
+    ready = hopb_wait_for_peers(params.peer_flags, params.num_peers, params.epoch, params.chunk, params.timeout_ns,
+                                params.error);
   }
   __syncthreads();  // orders every thread's reads after thread 0's acquire loads
   if (!ready) return;
@@ -129,6 +140,57 @@ __global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCo
     for (int i = 0; i < VEC; ++i) result.elements[i] = ElementTraits<T>::from_float(accumulator[i] * merge.normalizer);
     store_vector<T, VEC>(out + row * params.head_dim + element, result);
     if (element == 0) params.out_lse[row] = merge.lse;
+  }
+}
+
+struct HopbAllReduceParams {
+  const void* peer_parts[kHopbMaxPeers];   // numel elements each, contiguous
+  const int32_t* peer_flags[kHopbMaxPeers];
+  const int32_t* epoch;
+  int32_t* error;
+  void* out;                               // numel elements
+  int64_t numel;
+  uint64_t timeout_ns;
+  int num_peers, chunk;
+};
+
+// The one-shot all-reduce over peer memory: each CTA waits for every peer's flag, then sums the
+// peers' parts read in place, in peer order with fp32 accumulation, so every rank (each
+// passing the same peers in the same order) gets the same bits.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kHopbThreads) hopb_all_reduce_kernel(const HopbAllReduceParams params) {
+  HELIX_SHARED_VARIABLE(int, ready);
+  if (threadIdx.x == 0) {
+    ready = hopb_wait_for_peers(params.peer_flags, params.num_peers, params.epoch, params.chunk, params.timeout_ns,
+                                params.error);
+  }
+  __syncthreads();  // orders every thread's reads after thread 0's acquire loads
+  if (!ready) return;
+
+  T* out = static_cast<T*>(params.out);
+  const int64_t vectors = params.numel / VEC;
+  for (int64_t index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; index < vectors;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    float accumulator[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) accumulator[i] = 0.0f;
+    for (int p = 0; p < params.num_peers; ++p) {
+      const T* part = static_cast<const T*>(params.peer_parts[p]) + index * VEC;
+      ElementVector<T, VEC> values;
+      if constexpr (sizeof(ElementVector<T, VEC>) == 16) {
+        const uint4 raw = __ldcv(reinterpret_cast<const uint4*>(part));
+        values = *reinterpret_cast<const ElementVector<T, VEC>*>(&raw);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) values.elements[i] = __ldcv(part + i);
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) accumulator[i] += ElementTraits<T>::to_float(values.elements[i]);
+    }
+    ElementVector<T, VEC> result;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) result.elements[i] = ElementTraits<T>::from_float(accumulator[i]);
+    store_vector<T, VEC>(out + index * VEC, result);
   }
 }
 
