@@ -281,6 +281,7 @@ EXPECTATIONS = {
     "dequantize_kernel": dict(vector=True, mma=False),
     "amax_kernel": dict(vector=True, mma=False),
     "hopb_combine_kernel": dict(vector=True, mma=False),
+    "hopb_all_reduce_kernel": dict(vector=True, mma=False),
     "hopb_signal_kernel": dict(vector=False, mma=False),
 }
 
@@ -292,7 +293,7 @@ def verdict(short: str, fields: dict, histogram: Counter) -> str:
         problems.append("local memory (spills or a stack array)")
     expect = EXPECTATIONS.get(family, {})
     # The scalar fallbacks of the vectorized kernels (VEC = 1, or VECTOR = false).
-    scalar_instance = (family in ("merge_states_kernel", "hopb_combine_kernel", "amax_kernel")
+    scalar_instance = (family in ("merge_states_kernel", "hopb_combine_kernel", "hopb_all_reduce_kernel", "amax_kernel")
                        and short.endswith(",1>")) or (family == "quantize_kernel" and short.endswith(",false>"))
     wide = histogram["LDG.128"] + histogram["LDGSTS.128"] + histogram["LDG.64"]
     if expect.get("vector") and not wide and not scalar_instance:
