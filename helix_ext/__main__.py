@@ -130,8 +130,8 @@ def command_model_demo(args) -> int:
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.decoder import check_cuda_graphs
     from helix_ext.parallel.hf_model import MODEL_HEADS, ModelUnavailable
-    from helix_ext.parallel.launch import (RankSetupError, choose_backend, local_world_size, run_under_torchrun,
-                                           torchrun_environment)
+    from helix_ext.parallel.launch import (RankSetupError, choose_backend, default_exchange, local_world_size,
+                                           run_under_torchrun, torchrun_environment)
     from helix_ext.parallel.model_demo import (compare, format_model_report, model_precision, prepare,
                                                run_model_demo, run_model_rank)
 
@@ -142,7 +142,8 @@ def command_model_demo(args) -> int:
     try:
         kvp, tpa = layout_from_args(args, MODEL_HEADS[1], default=(2, 3))
         helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=args.tokens_per_block, hopb_chunks=args.hopb_chunks,
-                            exchange=args.exchange, cuda_graphs=args.cuda_graphs)
+                            exchange=args.exchange or default_exchange(kvp * tpa, args.device),
+                            cuda_graphs=args.cuda_graphs)
         helix.validate(*MODEL_HEADS, moe=False)  # before loading the model
         launched = torchrun_environment()
         if launched is None:
@@ -174,16 +175,17 @@ def command_tiny_demo(args) -> int:
     from helix_ext.parallel.config import HelixConfig, HelixConfigError
     from helix_ext.parallel.decoder import check_cuda_graphs
     from helix_ext.parallel.demo import DemoSpec, build_report, format_report, run_demo, run_rank
-    from helix_ext.parallel.launch import (RankSetupError, backend_uses_gpus, choose_backend, local_world_size,
-                                           run_under_torchrun, torchrun_environment)
+    from helix_ext.parallel.launch import (RankSetupError, backend_uses_gpus, choose_backend, default_exchange,
+                                           local_world_size, run_under_torchrun, torchrun_environment)
     from helix_ext.parallel.models import tiny_deepseek, tiny_llama
 
     make_model = tiny_llama if args.model == "llama" else tiny_deepseek
     model = make_model(expert_format=args.experts, seed=args.seed)
     try:
         kvp, tpa = layout_from_args(args, model.attention_kv_heads, default=(2, 1 if args.model == "deepseek" else 2))
+        exchange = args.exchange or default_exchange(kvp * tpa, args.device)
         helix = HelixConfig(kvp=kvp, tpa=tpa, tpf=args.tpf, ep=args.ep, tokens_per_block=args.tokens_per_block,
-                            hopb_chunks=args.hopb_chunks, exchange=args.exchange, cuda_graphs=args.cuda_graphs)
+                            hopb_chunks=args.hopb_chunks, exchange=exchange, cuda_graphs=args.cuda_graphs)
         helix.validate_model(model)
     except HelixConfigError as error:
         print(f"invalid Helix config: {error}", file=sys.stderr)
@@ -245,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--ep", type=int, default=1, help="MoE: expert-parallel groups (default 1)")
     demo.add_argument("--tokens-per-block", type=int, default=16, help="KV round-robin block (default 16)")
     demo.add_argument("--hopb-chunks", type=int, default=2, help="HOP-B batch chunks, 1 = off (default 2)")
-    demo.add_argument("--exchange", choices=["nccl", "fused"], default="nccl",
-                      help="nccl: all-to-all + merge_states; fused: peers' partials read in place (default nccl)")
+    demo.add_argument("--exchange", choices=["nccl", "fused"], default=None,
+                      help="nccl: all-to-all + merge_states and torch.distributed all-reduces; fused: peers' "
+                           "partials and partial sums read in place from shared (CPU) or symmetric (GPU) memory "
+                           "(default: fused for CPU ranks on one machine, nccl for GPU ranks)")
     demo.add_argument("--context", type=int, default=32768, help="tiny models: context tokens per sequence (default 32768)")
     demo.add_argument("--batch", type=int, default=4, help="tiny models: sequences (default 4)")
     demo.add_argument("--steps", type=int, default=20, help="tiny models: decode steps (default 20)")

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from helix_ext.moe import moe_ffn
 from helix_ext.ops import flash_decode
@@ -155,13 +156,29 @@ class HelixDecoder:
         self.exchange = make_exchange(config.exchange, self.layout.exchange_head_counts(), self.layout.kvp_index,
                                       groups.kvp, max_batch=len(context_lengths), head_dim=dim_v, dtype=model.dtype,
                                       device=device, max_chunks=config.hopb_chunks, timeout_s=config.exchange_timeout_s)
+        # The TP all-reduces: over the same peer memory as the fused exchange, else a collective.
+        self.peer_all_reduce = None
+        if config.exchange == "fused":
+            from helix_ext.parallel.fused_exchange import PeerAllReduce
+
+            self.peer_all_reduce = PeerAllReduce(groups.world, rank, config.world_size,
+                                                 len(context_lengths) * model.hidden_size, model.dtype, device,
+                                                 config.exchange_timeout_s, self.exchange.error[1:])
 
     # ------------------------------------------------------------------ weight shards
     def _shard(self, full: dict[str, torch.Tensor]) -> dict:
         m, lay, n = self.model, self.layout, self.config.world_size
         q, kv, merged = lay.q_heads, lay.kv_heads, lay.merged_heads
         dev = self.device
-        w = {name: full[name].to(dev) for name in ("embed", "final_norm", "lm_head")}
+        w = {name: full[name].to(dev) for name in ("embed", "final_norm")}
+        # The LM head sharded over the vocabulary: rows [r * V', (r + 1) * V') on rank r, V' =
+        # ceil(V / N), the last shard padded with zero rows (their logits are cut after the gather).
+        vocab = full["lm_head"].shape[0]
+        self.vocab_shard = -(-vocab // n)
+        rows = full["lm_head"][self.rank * self.vocab_shard:(self.rank + 1) * self.vocab_shard]
+        if rows.shape[0] < self.vocab_shard:
+            rows = torch.cat([rows, rows.new_zeros(self.vocab_shard - rows.shape[0], rows.shape[1])])
+        w["lm_head"] = rows.contiguous().to(dev)
         for layer in range(m.num_layers):
             p = f"layers.{layer}."
             for name in ("attn_norm", "ffn_norm"):
@@ -173,9 +190,10 @@ class HelixDecoder:
                 head_v = m.v_head_dim
             else:
                 d = m.head_dim
-                w[p + "wq"] = full[p + "wq"][q.start * d:q.stop * d].to(dev)
-                w[p + "wk"] = full[p + "wk"][kv.start * d:kv.stop * d].to(dev)
-                w[p + "wv"] = full[p + "wv"][kv.start * d:kv.stop * d].to(dev)
+                # Q, K and V of the rank's heads as one matrix: one GEMM per layer (the same bits).
+                w[p + "wqkv"] = torch.cat([full[p + "wq"][q.start * d:q.stop * d],
+                                           full[p + "wk"][kv.start * d:kv.stop * d],
+                                           full[p + "wv"][kv.start * d:kv.stop * d]]).to(dev)
                 head_v = d
             w[p + "wo"] = full[p + "wo"][:, merged.start * head_v:merged.stop * head_v].contiguous().to(dev)
             if m.is_moe_layer(layer):
@@ -202,11 +220,11 @@ class HelixDecoder:
         if m.mla:
             query, entry = mla_query_and_entry(m, w, p, h, positions, range(m.num_q_heads), self.rope_inverse)
             return query, entry, None
-        d = m.head_dim
-        q = rotate((h @ w[p + "wq"].T).view(h.shape[0], -1, d), *rope)
-        k = rotate((h @ w[p + "wk"].T).view(h.shape[0], -1, d), *rope)
-        v = (h @ w[p + "wv"].T).view(h.shape[0], -1, d)
-        return q, k, v
+        d, batch = m.head_dim, h.shape[0]
+        q_heads, kv_heads = len(self.layout.q_heads), len(self.layout.kv_heads)
+        qkv = F.linear(h, w[p + "wqkv"])
+        rotated = rotate(qkv[:, :(q_heads + kv_heads) * d].view(batch, -1, d), *rope)  # Q and K at once
+        return rotated[:, :q_heads], rotated[:, q_heads:], qkv[:, (q_heads + kv_heads) * d:].view(batch, -1, d)
 
     def _attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor, slots, rope) -> torch.Tensor:
         m, w, p, cache = self.model, self.w, f"layers.{layer}.", self.cache
@@ -230,12 +248,19 @@ class HelixDecoder:
         with self.timers.phase("exchange"):
             for handle in handles:
                 merged.append(self.exchange.finish(handle)[0])
-        heads_out = torch.cat(merged)  # [B, merged heads, Dv]
+        heads_out = merged[0] if len(merged) == 1 else torch.cat(merged)  # [B, merged heads, Dv]
         with self.timers.phase("output"):
             if m.mla:
                 heads_out = torch.einsum("bnc,nvc->bnv", heads_out, w[p + "w_uv"])
-            y = heads_out.flatten(1) @ w[p + "wo"].T
-            dist.all_reduce(y, group=self.groups.world)
+            y = F.linear(heads_out.flatten(1), w[p + "wo"])
+            y = self._all_reduce(y)
+        return y
+
+    def _all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """The sum of y over every rank (the output projection's and the FFN's partial sums)."""
+        if self.peer_all_reduce is not None:
+            return self.peer_all_reduce(y)
+        dist.all_reduce(y, group=self.groups.world)
         return y
 
     # ------------------------------------------------------------------ FFN
@@ -251,7 +276,7 @@ class HelixDecoder:
                 y = y + swiglu(h, w[p + "shared.gate"], w[p + "shared.up"], w[p + "shared.down"])
             else:
                 y = w[p + "ffn"](h)
-            dist.all_reduce(y, group=self.groups.world)
+            y = self._all_reduce(y)
         return y
 
     # ------------------------------------------------------------------ step
@@ -266,7 +291,9 @@ class HelixDecoder:
             logits = self._warm_up(tokens)
         else:
             logits = self._graph_step(tokens)
-        self.exchange.end_step()  # the step's only look at the exchange's device-side error flag
+        if self.peer_all_reduce is not None:
+            self.peer_all_reduce.end_step()
+        self.exchange.end_step()  # the step's only look at the device-side error flags (exchange, all-reduce)
         return logits
 
     def _device_step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -278,7 +305,16 @@ class HelixDecoder:
         for layer in range(m.num_layers):
             x = x + self._attention(layer, x, slots.positions, slots, rope)
             x = x + self._ffn(layer, x)
-        return (rms_norm(x, w["final_norm"], m.rms_eps) @ w["lm_head"].T).float()
+        return self._lm_head(rms_norm(x, w["final_norm"], m.rms_eps))
+
+    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """logits [B, vocab] fp32 from the rank's vocabulary shard of the LM head: every rank
+        multiplies its V / N rows (not the whole head), then one all-gather."""
+        shard = F.linear(h, self.w["lm_head"]).float()  # [B, V']
+        batch, width, ranks = shard.shape[0], shard.shape[1], self.config.world_size
+        gathered = torch.empty(ranks * batch, width, dtype=shard.dtype, device=shard.device)  # gloo: [N * B, V']
+        dist.all_gather_into_tensor(gathered, shard, group=self.groups.world)
+        return gathered.view(ranks, batch, width).permute(1, 0, 2).reshape(batch, -1)[:, :self.model.vocab_size]
 
     def _warm_up(self, tokens: torch.Tensor) -> torch.Tensor:
         """With cuda_graphs, the first step: eager, on the stream the graph will be captured on,

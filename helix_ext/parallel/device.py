@@ -58,8 +58,8 @@ class CudaRuntime:
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
         tensor.record_stream(stream)
 
-    def read_flag(self, flag: torch.Tensor, timeout_s: float) -> int:
-        """The host's one look at a device-side flag (once per step at most): copied to pinned
+    def read_flag(self, flag: torch.Tensor, timeout_s: float) -> list[int]:
+        """The host's one look at device-side flags (once per step at most): copied to pinned
         memory behind the stream's work, waited for at most timeout_s (the work before it may
         be stuck in a collective that no watchdog watches: captured in a CUDA graph)."""
         host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
@@ -68,7 +68,7 @@ class CudaRuntime:
         copied.record()
         if not self.wait_event(copied, timeout_s):
             raise RuntimeError(f"the decode step did not finish within {timeout_s} s (a peer stalled in a collective)")
-        return int(host[0])
+        return host.tolist()
 
     def symmetric_buffers(self, nbytes: int, group, me: int, peers: int, device: torch.device):
         """(a zeroed buffer of nbytes per peer of `group`, addressable by all, mine at index `me`;
@@ -207,9 +207,9 @@ class DryRuntime:
     def record_stream(self, tensor: torch.Tensor, stream) -> None:
         self.calls["record_stream"] += 1
 
-    def read_flag(self, flag: torch.Tensor, timeout_s: float) -> int:
+    def read_flag(self, flag: torch.Tensor, timeout_s: float) -> list[int]:
         self.calls["read_flag"] += 1  # a fake tensor has no value: count the look, report no error
-        return 0
+        return [0] * flag.numel()
 
     def symmetric_buffers(self, nbytes: int, group, me: int, peers: int, device: torch.device):
         self.calls["symmetric_buffers"] += 1

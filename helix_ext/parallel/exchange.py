@@ -51,12 +51,14 @@ class CollectiveExchange:
         batch, _, head_dim = out.shape
         if self.kvp == 1:  # nothing to exchange: the rank merges its own (single) part
             return None, out.unsqueeze(0), lse.unsqueeze(0)
+        # Byte views (out's rows are whole heads of Dv elements, lse's of 4 bytes): per
+        # destination its heads' out, then their lse, flattened into one send buffer by cat.
+        out_bytes, lse_bytes = out.view(torch.uint8), lse.view(torch.uint8)
         pieces, sizes = [], []
         for offset, count in zip(self.offsets, self.head_counts):
-            part_out = out[:, offset:offset + count].contiguous().view(torch.uint8).reshape(-1)
-            part_lse = lse[:, offset:offset + count].contiguous().view(torch.uint8).reshape(-1)
-            pieces += [part_out, part_lse]
-            sizes.append(part_out.numel() + part_lse.numel())
+            pieces += [out_bytes[:, offset:offset + count].reshape(-1),
+                       lse_bytes[:, 4 * offset:4 * (offset + count)].reshape(-1)]
+            sizes.append(batch * count * (head_dim * out.element_size() + 4))
         send = torch.cat(pieces)
         mine = self.head_counts[self.kvp_index]
         receive_bytes = batch * mine * (head_dim * out.element_size() + 4)

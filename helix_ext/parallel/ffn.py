@@ -79,9 +79,12 @@ class DenseFfn:
         if fmt not in FFN_FORMATS:
             raise ValueError(f"ffn format must be one of {FFN_FORMATS}, got {fmt!r}")
         self.fmt, self.quantized = fmt, quantized
-        if fmt == "bf16":
-            gate, up, down = (t.to(torch.bfloat16) for t in (gate, up, down))
-        self.gate, self.up, self.down = gate, up, down
+        self.gate_up = self.down = None
+        if quantized is None:
+            if fmt == "bf16":
+                gate, up, down = (t.to(torch.bfloat16) for t in (gate, up, down))
+            # gate and up stacked: one GEMM (the same bits as two), whose halves SwiGLU combines.
+            self.gate_up, self.down = torch.cat([gate, up]), down
 
     @classmethod
     def from_full(cls, fmt: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, cols: range | None,
@@ -99,16 +102,16 @@ class DenseFfn:
     def columns(self) -> int:
         if self.quantized is not None:
             return self.quantized.down.weight.shape[2] * 2
-        return self.gate.shape[0]
+        return self.gate_up.shape[0] // 2
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if self.columns == 0:  # more ranks than FFN blocks: this rank holds none
             return torch.zeros_like(h)
-        if self.fmt == "none":
-            return (F.silu(h @ self.gate.T) * (h @ self.up.T)) @ self.down.T
-        if self.fmt == "bf16":
-            x = h.to(torch.bfloat16)
-            return ((F.silu(x @ self.gate.T) * (x @ self.up.T)) @ self.down.T).to(h.dtype)
+        if self.quantized is None:
+            x = h.to(torch.bfloat16) if self.fmt == "bf16" else h
+            gate_up = F.linear(x, self.gate_up)
+            f = gate_up.shape[1] // 2
+            return F.linear(F.silu(gate_up[:, :f]) * gate_up[:, f:], self.down).to(h.dtype)
         x = h.to(torch.bfloat16)
         offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
         gate_up = self.quantized.gate_up(x, offs).float()

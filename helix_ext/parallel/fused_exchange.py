@@ -54,11 +54,14 @@ class FusedExchange:
         self.total_bytes = _FLAG_BYTES + max_chunks * self.slot_bytes
         if max_chunks * 4 > _FLAG_BYTES:
             raise ValueError(f"FusedExchange: at most {_FLAG_BYTES // 4} chunks in flight, got {max_chunks}")
-        self._files: list[str] = []
         self._handle = None  # GPUs: the symmetric-memory handle that keeps the peer mapping alive
         self.buffers = self._allocate()  # [peer] uint8 views, in KVP-group order; mine at kvp_index
+        self._views: dict = {("flags", peer): self.buffers[peer][:max_chunks * 4].view(torch.int32)
+                             for peer in range(self.kvp)}
         self.epoch = torch.zeros(max_chunks, dtype=torch.int32, device=device)
-        self.error = torch.zeros(1, dtype=torch.int32, device=device)
+        # Device-side error flags: [0] this exchange's combines, [1] the step's PeerAllReduce
+        # (given the view error[1:]), so one host read per step checks both.
+        self.error = torch.zeros(2, dtype=torch.int32, device=device)
         self.bytes_sent = 0  # bytes peers read from this rank's buffer
         self.error_checks = 0  # host reads of the error flag: one per decode step
         self._slot = 0
@@ -74,47 +77,22 @@ class FusedExchange:
 
     # ---------------------------------------------------------------- buffers
     def _allocate(self) -> list[torch.Tensor]:
-        if dist.get_backend(self.group) == "threaded":
-            return self._allocate_in_process()
-        if self.device.type == "cuda":
-            buffers, self._handle = runtime().symmetric_buffers(self.total_bytes, self.group, self.kvp_index, self.kvp,
-                                                                self.device)
-            return buffers
-        # CPU: one shared-memory file per rank, named from a token rank 0 of the group draws.
-        token = [secrets.token_hex(8) if self.kvp_index == 0 else None]
-        dist.broadcast_object_list(token, src=dist.get_global_rank(self.group, 0), group=self.group)
-        paths = [f"/dev/shm/helix-fused-{token[0]}-{peer}" for peer in range(self.kvp)]
-        local = torch.from_file(paths[self.kvp_index], shared=True, size=self.total_bytes, dtype=torch.uint8)
-        local.zero_()
-        self._files = [paths[self.kvp_index]]
-        dist.barrier(group=self.group)  # every file exists (zeroed) before anyone maps it
-        buffers = [local if peer == self.kvp_index else
-                   torch.from_file(paths[peer], shared=True, size=self.total_bytes, dtype=torch.uint8)
-                   for peer in range(self.kvp)]
-        dist.barrier(group=self.group)  # everyone mapped every file: the names can go
-        os.unlink(paths[self.kvp_index])
-        self._files = []
-        return buffers
-
-    def _allocate_in_process(self) -> list[torch.Tensor]:
-        """Ranks that are threads of one process (launch.spawn_threads) address each other's
-        buffers directly: each allocates its own, registers it under a token rank 0 of the group
-        draws, and takes its peers' from the registry (CPU or one shared GPU alike)."""
-        token = [secrets.token_hex(8) if self.kvp_index == 0 else None]
-        dist.broadcast_object_list(token, src=dist.get_global_rank(self.group, 0), group=self.group)
-        local = torch.zeros(self.total_bytes, dtype=torch.uint8, device=self.device)
-        _IN_PROCESS_BUFFERS[(token[0], self.kvp_index)] = local
-        dist.barrier(group=self.group)  # every buffer registered
-        buffers = [_IN_PROCESS_BUFFERS[(token[0], peer)] for peer in range(self.kvp)]
-        dist.barrier(group=self.group)  # everyone holds every buffer: the registry entries can go
-        del _IN_PROCESS_BUFFERS[(token[0], self.kvp_index)]
+        buffers, self._handle = allocate_peer_buffers(self.group, self.kvp_index, self.kvp, self.total_bytes,
+                                                      self.device)
         return buffers
 
     def _flags(self, peer: int) -> torch.Tensor:
-        return self.buffers[peer][:self.max_chunks * 4].view(torch.int32)
+        return self._views[("flags", peer)]
 
     def _region(self, peer: int, slot: int, destination: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of peer's region for `destination` in `slot`: out [rows, h, D], lse [rows, h]."""
+        """Views of peer's region for `destination` in `slot`: out [rows, h, D], lse [rows, h]
+        (made once per shape: a decode step asks for the same ones every layer)."""
+        key = (peer, slot, destination, rows)
+        if key not in self._views:
+            self._views[key] = self._make_region(peer, slot, destination, rows)
+        return self._views[key]
+
+    def _make_region(self, peer: int, slot: int, destination: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         heads = self.head_counts[destination]
         start = _FLAG_BYTES + slot * self.slot_bytes + sum(self.region_bytes[:destination])
         out_bytes = rows * heads * self.head_dim * self.element
@@ -153,7 +131,8 @@ class FusedExchange:
         slot, rows, event = handle
         views = [self._region(peer, slot, self.kvp_index, rows) for peer in range(self.kvp)]
         flags = [self._flags(peer) for peer in range(self.kvp)]
-        arguments = ([v[0] for v in views], [v[1] for v in views], flags, self.epoch, slot, self.timeout_s, self.error)
+        arguments = ([v[0] for v in views], [v[1] for v in views], flags, self.epoch, slot, self.timeout_s,
+                     self.error[:1])
         if self._stream is None:
             return torch.ops.helix.hopb_combine(*arguments)
         compute = runtime().current_stream(self.device)
@@ -173,16 +152,107 @@ class FusedExchange:
         self.check()
 
     def check(self) -> None:
-        """Raise if a combine timed out waiting for a peer (a device sync on GPUs)."""
+        """Raise if a combine (or the step's PeerAllReduce) timed out waiting for a peer (a
+        device sync on GPUs)."""
         self.error_checks += 1
         # A combine gives up after timeout_s; twice that and the step is stuck elsewhere.
-        missing = runtime().read_flag(self.error, 2 * self.timeout_s) if self.device.type == "cuda" else int(
-            self.error[0])
-        if missing:
-            raise RuntimeError(f"FusedExchange: KVP peer {missing - 1} did not signal within {self.timeout_s} s")
+        exchange, all_reduce = (runtime().read_flag(self.error, 2 * self.timeout_s) if self.device.type == "cuda"
+                                else self.error.tolist())
+        if exchange:
+            raise RuntimeError(f"FusedExchange: KVP peer {exchange - 1} did not signal within {self.timeout_s} s")
+        if all_reduce:
+            raise RuntimeError(f"PeerAllReduce: rank {all_reduce - 1} did not signal within {self.timeout_s} s")
 
-    def close(self) -> None:
-        for path in self._files:
-            if os.path.exists(path):
-                os.unlink(path)
-        self._files = []
+
+def allocate_peer_buffers(group, index: int, peers: int, nbytes: int, device: torch.device):
+    """(a zeroed uint8 buffer of nbytes per rank of `group`, every one addressable by this rank,
+    in group order with this rank's at `index`; the handle that keeps a GPU peer mapping alive).
+    GPUs: torch symmetric memory. Ranks that are threads of one process (launch.spawn_threads):
+    each allocates its own and takes its peers' from an in-process registry. CPU processes: one
+    shared-memory file per rank, mapped by every rank, unlinked once all have mapped it."""
+    token = [secrets.token_hex(8) if index == 0 else None]
+    if dist.get_backend(group) == "threaded":
+        dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
+        local = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        _IN_PROCESS_BUFFERS[(token[0], index)] = local
+        dist.barrier(group=group)  # every buffer registered
+        buffers = [_IN_PROCESS_BUFFERS[(token[0], peer)] for peer in range(peers)]
+        dist.barrier(group=group)  # everyone holds every buffer: the registry entries can go
+        del _IN_PROCESS_BUFFERS[(token[0], index)]
+        return buffers, None
+    if device.type == "cuda":
+        return runtime().symmetric_buffers(nbytes, group, index, peers, device)
+    dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
+    paths = [f"/dev/shm/helix-peer-{token[0]}-{peer}" for peer in range(peers)]
+    try:
+        local = torch.from_file(paths[index], shared=True, size=nbytes, dtype=torch.uint8)
+        local.zero_()
+        dist.barrier(group=group)  # every file exists (zeroed) before anyone maps it
+        buffers = [local if peer == index else torch.from_file(paths[peer], shared=True, size=nbytes, dtype=torch.uint8)
+                   for peer in range(peers)]
+        dist.barrier(group=group)  # everyone mapped every file: the names can go
+    finally:
+        if os.path.exists(paths[index]):
+            os.unlink(paths[index])
+    return buffers, None
+
+
+class PeerAllReduce:
+    """The decode step's TP all-reduces (output projection, FFN) over peer memory, with exchange
+    "fused": each rank copies its partial sum into its own buffer (shared memory between CPU
+    ranks, symmetric memory between GPUs), raises the slot's flag (hopb_signal), and
+    hopb_all_reduce waits for every peer's flag and sums the peers' parts in place, in rank
+    order (the same bits on every rank). One copy and two ops per all-reduce: no transport
+    round trips, which cost milliseconds each between CPU processes that share cores.
+
+    Buffer reuse: calls alternate between two slots, so a rank overwrites a slot only after its
+    previous all-reduce, which saw every peer's flag of that call, raised after the peer had
+    finished reading the slot the call before (on GPUs, in stream order). A decode step makes
+    an even number of calls (two per layer), so a captured CUDA graph's slot sequence chains
+    across replays too (end_step checks it)."""
+
+    SLOTS = 2
+
+    def __init__(self, group, rank: int, world_size: int, max_numel: int, dtype: torch.dtype, device: torch.device,
+                 timeout_s: float, error: torch.Tensor):
+        """error: the device-side int32 flag a timed-out wait sets (1 + the missing rank): the
+        fused exchange's error[1:], which its once-per-step check reads."""
+        self.rank, self.world_size, self.max_numel = rank, world_size, max_numel
+        self.dtype, self.device, self.timeout_s = dtype, device, timeout_s
+        self.slot_bytes = (max_numel * dtype.itemsize + 15) // 16 * 16
+        buffers, self._handle = allocate_peer_buffers(group, rank, world_size,
+                                                      _FLAG_BYTES + self.SLOTS * self.slot_bytes, device)
+        self.buffers = buffers
+        self.flags = [b[:self.SLOTS * 4].view(torch.int32) for b in buffers]
+        self.epoch = torch.zeros(self.SLOTS, dtype=torch.int32, device=device)
+        self.error = error
+        self.calls = 0
+        self._views: dict = {}
+
+    def _parts(self, slot: int, shape: torch.Size) -> list[torch.Tensor]:
+        key = (slot, tuple(shape))
+        if key not in self._views:
+            numel = shape.numel()
+            start = _FLAG_BYTES + slot * self.slot_bytes
+            self._views[key] = [b[start:start + numel * self.dtype.itemsize].view(self.dtype).view(shape)
+                                for b in self.buffers]
+        return self._views[key]
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        """The sum over every rank of y (the same shape and dtype on each): a new tensor."""
+        if y.numel() > self.max_numel or y.dtype != self.dtype:
+            raise ValueError(f"PeerAllReduce: {tuple(y.shape)} {y.dtype} exceeds the buffer ({self.max_numel} "
+                             f"elements of {self.dtype})")
+        slot = self.calls % self.SLOTS
+        self.calls += 1
+        parts = self._parts(slot, y.shape)
+        parts[self.rank].copy_(y)
+        torch.ops.helix.hopb_signal(self.flags[self.rank], self.epoch, slot)
+        return torch.ops.helix.hopb_all_reduce(parts, self.flags, self.epoch, slot, self.timeout_s, self.error)
+
+    def end_step(self) -> None:
+        """After a decode step: raise if it made an odd number of calls (timeouts are reported
+        by the fused exchange's check, which reads the shared error flag)."""
+        if self.calls % self.SLOTS:
+            raise RuntimeError(f"PeerAllReduce: a decode step must make an even number of all-reduces "
+                               f"(the slots alternate across steps), got {self.calls} so far")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import time
@@ -66,6 +67,20 @@ def choose_backend(local_ranks: int, device: str | None = None) -> str:
 def backend_uses_gpus(backend: str) -> bool:
     """Whether ranks on `backend` run on GPUs: NCCL, or threads on a machine with a GPU."""
     return backend == "nccl" or (backend == THREADED and torch.cuda.is_available())
+
+
+def default_exchange(world_size: int, device: str | None = None) -> str:
+    """The exchange backend a launch gets unless one is asked for: "fused" for CPU ranks that
+    all run on this machine (processes or threads: the exchange and the TP all-reduces go
+    through memory they share, where a gloo collective among ranks that outnumber the cores
+    costs milliseconds), "nccl" otherwise (GPU ranks, or ranks on several nodes)."""
+    if local_world_size(world_size) != world_size:
+        return "nccl"
+    try:
+        backend = choose_backend(world_size, device)
+    except RankSetupError:
+        return "nccl"  # the launch itself reports the error
+    return "nccl" if backend_uses_gpus(backend) else "fused"
 
 
 def local_world_size(world_size: int) -> int:
@@ -137,7 +152,9 @@ def _worker(fn, rank, world_size, port, backend, timeout_s, args, results):
     torch.set_num_threads(rank_threads(world_size))
     try:
         init_process_group(rank, world_size, port, backend, timeout_s)
-        results.put((rank, "ok", fn(rank, backend, *args)))
+        # Pickled by value here: torch.multiprocessing's queue would pass tensors as shared-memory
+        # handles served by this process, which may have exited by the time the parent reads them.
+        results.put((rank, "ok", pickle.dumps(fn(rank, backend, *args))))
     except BaseException as error:  # noqa: BLE001  (reported to the parent, then re-raised there)
         results.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
     finally:
@@ -239,7 +256,7 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: st
     while len(outcome) < world_size and time.monotonic() < deadline:
         try:
             rank, status, value = results.get(timeout=0.5)
-            outcome[rank] = (status, value)
+            outcome[rank] = (status, pickle.loads(value) if status == "ok" else value)
         except queue.Empty:
             for rank, process in enumerate(processes):
                 if rank not in outcome and not process.is_alive() and process.exitcode not in (0, None):

@@ -149,6 +149,11 @@ def context_block(config: ModelConfig, layer: int, sequence: int, block: int, to
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps) * weight`` computed in float32, rounded to x's dtype (Llama's
+    RMSNorm). One ATen call (``F.rms_norm``, the same bits on the CPU as the composite below,
+    which handles a weight of another dtype): a decode step makes 2 per layer per rank."""
+    if weight.dtype == x.dtype:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
@@ -174,19 +179,22 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
 
 
 def rope_cos_sin(positions: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, 1, d] of the angles position * inv_freq (float32, on inverse's device):
-    what apply_rope rotates by, computed once per decode step and shared by every layer."""
+    """The tables apply_rope rotates by, [B, 1, d] float32 on inverse's device: cos of the
+    angles position * inv_freq, and their sin with the first half negated (rotate-half's sign,
+    so rotate() is one roll and three arithmetic ops). Computed once per decode step and
+    shared by every layer."""
     angles = positions.to(device=inverse.device, dtype=torch.float32).unsqueeze(-1) * inverse  # [B, d/2]
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().unsqueeze(1), torch.cat([-sin, sin], dim=-1).unsqueeze(1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, d] rotated (rotate-half) by rope_cos_sin's tables, in float32."""
-    d = x.shape[-1]
-    x32 = x.float()
-    rotated = torch.cat([-x32[..., d // 2:], x32[..., :d // 2]], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, d] rotated (rotate-half) by rope_cos_sin's tables, in float32:
+    ``x * cos + [-x2, x1] * sin`` written as ``x * cos + [x2, x1] * [-sin1, sin2]``, the same
+    products (a sign moved between factors is exact), so the same bits as transformers'."""
+    x32 = x if x.dtype == torch.float32 else x.float()
+    out = x32 * cos + x32.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
