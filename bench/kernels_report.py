@@ -167,7 +167,53 @@ def shapes(op: str) -> list[dict]:
     return result
 
 
-def merge_states_rows(info, usage):
+# --------------------------------------------------------------------------- issued tensor work
+MMA_FLOPS = 2 * 16 * 8 * 16  # one mma.sync m16n8k16 (one HMMA.16816 in the SASS)
+
+
+def flash_decode_template(short: str) -> dict | None:
+    """The template parameters of a flash_decode instance, from its name
+    (flash_decode_kernel<Cfg<DK,DV,WARPS_M,WARPS_V,WARPS_T,TILE,STAGES,SHARED_KV>,T,FP8>)."""
+    match = re.match(r"flash_decode_kernel<Cfg<(\d+),(\d+),(\d+),(\d+),(\d+),(\d+),(\d+),(true|false)>,(\w+),"
+                     r"(true|false)>", short)
+    if not match:
+        return None
+    dk, dv, wm, wv, wt, tile, stages = (int(x) for x in match.groups()[:7])
+    return dict(dk=dk, dv=dv, warps_m=wm, warps_v=wv, warps_t=wt, tile=tile, stages=stages,
+                shared_kv=match.group(8) == "true", dtype=match.group(9), fp8=match.group(10) == "true")
+
+
+def flash_decode_mmas_per_warp_tile(c: dict) -> int:
+    """The m16n8k16 MMAs one warp issues per pipeline tile, from the configuration: each warp
+    scores its 16 heads against its TILE / WARPS_T tokens over all of DK (the WARPS_V warps
+    that share those heads and tokens each compute the same scores), then multiplies P by its
+    DV / WARPS_V slice of V."""
+    tokens, dv = c["tile"] // c["warps_t"], c["dv"] // c["warps_v"]
+    return (tokens // 8) * (c["dk"] // 16) + (dv // 8) * (tokens // 16)
+
+
+def flash_decode_issued_flops(c: dict, batch: int, num_q_heads: int, num_kv_heads: int, seq_len: int) -> int:
+    """Tensor FLOPs the kernel issues for a shape: every CTA runs warps_m x warps_v x warps_t
+    warps over ceil(L / TILE) tiles (splits are whole tiles) for a head tile of 16 x warps_m
+    rows, padded when the query group is smaller."""
+    head_tiles = ceil_div(num_q_heads // num_kv_heads, 16 * c["warps_m"])
+    warps = c["warps_m"] * c["warps_v"] * c["warps_t"]
+    ctas = batch * num_kv_heads * head_tiles
+    return ctas * ceil_div(seq_len, c["tile"]) * warps * flash_decode_mmas_per_warp_tile(c) * MMA_FLOPS
+
+
+def flash_decode_instances(sass: dict[str, Counter]) -> dict[str, tuple[dict, int]]:
+    """{short name: (template parameters, HMMA count in the sm_90a SASS)} of every flash_decode
+    instance built."""
+    found = {}
+    for name, histogram in sass.items():
+        template = flash_decode_template(name)
+        if template is not None:
+            found[name] = (template, histogram["HMMA"])
+    return found
+
+
+def merge_states_rows(info, usage, sass):
     threads = info["merge_states"]["threads"]
     rows = []
     for s in shapes("merge_states"):
@@ -178,8 +224,9 @@ def merge_states_rows(info, usage):
     return rows
 
 
-def flash_decode_rows(info, usage):
+def flash_decode_rows(info, usage, sass):
     configs = {c["name"]: c for c in info["flash_decode"]}
+    templates = {(t["dk"], t["dv"]): t for t, _ in flash_decode_instances(sass).values()}
     rows = []
     for s in shapes("flash_decode"):
         s = {k: v for k, v in s.items() if k != "peers"}
@@ -202,11 +249,13 @@ def flash_decode_rows(info, usage):
         grid = ctas * splits
         launch = (f"{name}: grid {grid} ({splits} splits x {ctas}) x {config['threads']} thr, "
                   f"{smem // 1024} KB smem, {ctas_per_sm} CTA/SM")
-        rows.append(("flash_decode", t, launch, 1 + (splits > 1), grid, True))
+        issued = flash_decode_issued_flops(templates[(s["head_dim_k"], s["head_dim_v"])], s["batch"],
+                                           s["num_q_heads"], s["num_kv_heads"], s["seq_len"])
+        rows.append(("flash_decode", t, launch, 1 + (splits > 1), grid, True, issued))
     return rows
 
 
-def fp4_gemm_rows(info, usage):
+def fp4_gemm_rows(info, usage, sass):
     g = info["fp4_grouped_gemm"]
     rows = []
     for s in shapes("fp4_grouped_gemm"):
@@ -231,7 +280,7 @@ def fp4_gemm_rows(info, usage):
     return rows
 
 
-def quantize_rows(info, usage):
+def quantize_rows(info, usage, sass):
     threads = info["fp4_quantize"]["threads"]
     rows = []
     for s in shapes("quantize_fp4"):
@@ -247,7 +296,7 @@ def quantize_rows(info, usage):
     return rows
 
 
-def hopb_rows(info, usage):
+def hopb_rows(info, usage, sass):
     threads = info["hopb_combine"]["threads"]
     rows = []
     for s in shapes("hopb_combine"):
@@ -327,17 +376,41 @@ def render() -> str:
              f"- Measured: {'from ' + source if source else 'none yet: no GPU has run these kernels.'}", ""]
 
     lines += ["## Standard shapes", "",
-              "| op | shape | MB moved | GFLOP | floor us | launch | predicted us | measured us | measured / predicted |",
-              "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+              "GFLOP is the algorithmic work (the floor's); issued is the tensor work the kernel's configuration",
+              "issues (tiles x warps x MMAs per warp, padding and recomputation included; flash_decode only so far,",
+              "cross-checked against the SASS below), and the prediction uses it where it is known.", "",
+              "| op | shape | MB moved | GFLOP | issued GFLOP | issued / algorithmic | floor us | launch | predicted us "
+              "| measured us | measured / predicted |",
+              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    sass = {short[n]: histograms["sm_90a"].get(n, Counter()) for n in names}
     for builder in (merge_states_rows, flash_decode_rows, fp4_gemm_rows, quantize_rows, hopb_rows):
-        for op, t, launch, launches, grid, tensor_cores in builder(info, usage):
-            prediction = predicted_us(t.bytes_moved, t.flops, grid, launches, tensor_cores)
+        for row in builder(info, usage, sass):
+            op, t, launch, launches, grid, tensor_cores = row[:6]
+            issued = row[6] if len(row) > 6 else None
+            prediction = predicted_us(t.bytes_moved, issued if issued is not None else t.flops, grid, launches,
+                                      tensor_cores)
             got = measured.get((op, t.shape))
             ratio = f"{got / prediction:.2f}" if got else "-"
-            lines.append(f"| {op} | {t.shape} | {t.bytes_moved / 1e6:.1f} | {t.flops / 1e9:.2f} | "
+            issued_cells = (f"{issued / 1e9:.2f} | {issued / t.flops:.2f}" if issued is not None and t.flops else
+                            "- | -")
+            lines.append(f"| {op} | {t.shape} | {t.bytes_moved / 1e6:.1f} | {t.flops / 1e9:.2f} | {issued_cells} | "
                          f"{floor_us(t.bytes_moved, t.flops):.1f} | {launch} | {prediction:.1f} | "
                          f"{f'{got:.1f}' if got else '-'} | {ratio} |")
     lines += ["", "A kernel more than 1.5x off its prediction needs an explanation or a fix (issue 8).", ""]
+
+    lines += ["## flash_decode: MMAs per warp and tile, from the configuration and in the SASS", "",
+              "Per pipeline tile a warp scores its 16 heads against TILE / WARPS_T tokens over DK ((TILE / WARPS_T / 8)",
+              "x (DK / 16) MMAs) and multiplies P by its DV / WARPS_V columns of V ((DV / WARPS_V / 8) x",
+              "(TILE / WARPS_T / 16)); the tile loop body is emitted once, so the static HMMA count of the sm_90a",
+              "SASS must equal it. Issued / algorithmic for whole head tiles is (WARPS_V x DK + DV) / (DK + DV):",
+              "the WARPS_V warps of a head tile each compute the same scores.", "",
+              "| instance | from the configuration | HMMA in the SASS | agree | issued / algorithmic (whole head tiles) |",
+              "|---|---:|---:|---|---:|"]
+    for name, (template, hmma) in sorted(flash_decode_instances(sass).items()):
+        expected = flash_decode_mmas_per_warp_tile(template)
+        ratio = (template["warps_v"] * template["dk"] + template["dv"]) / (template["dk"] + template["dv"])
+        lines.append(f"| `{name}` | {expected} | {hmma} | {'yes' if expected == hmma else 'NO'} | {ratio:.2f} |")
+    lines += [""]
 
     lines += ["## Resources (cuobjdump --dump-resource-usage) and SASS", "",
               "SHARED is static shared memory; the dynamic shared memory of the tiled kernels is in the launch",

@@ -30,3 +30,36 @@ def test_occupancy():
                     reason="bench/KERNELS.md describes the default build (CUDA kernels for sm_90a and sm_100a)")
 def test_kernels_md_is_current():
     assert main(["--check"]) == 0, "run `python -m bench.kernels_report` and commit bench/KERNELS.md"
+
+
+def test_issued_tensor_work_counts_recomputed_scores_and_padding():
+    from bench.kernels_report import flash_decode_issued_flops, flash_decode_mmas_per_warp_tile, flash_decode_template
+
+    mla = flash_decode_template("flash_decode_kernel<Cfg<576,512,4,2,1,32,3,true>,bf16,false>")
+    assert mla == dict(dk=576, dv=512, warps_m=4, warps_v=2, warps_t=1, tile=32, stages=3, shared_kv=True,
+                       dtype="bf16", fp8=False)
+    # Per warp and 32-token tile: 4 x 36 score MMAs over the 576-deep K, 32 x 2 for its 256 V columns.
+    assert flash_decode_mmas_per_warp_tile(mla) == 4 * 36 + 32 * 2
+    algorithmic = 2 * 16 * 128 * 16384 * (576 + 512)  # M1: B 16, 128 heads, 16K tokens
+    issued = flash_decode_issued_flops(mla, 16, 128, 1, 16384)
+    assert issued / algorithmic == pytest.approx((2 * 576 + 512) / (576 + 512))  # both V warps score
+    gqa = flash_decode_template("flash_decode_kernel<Cfg<128,128,1,1,4,64,3,false>,bf16,true>")
+    assert flash_decode_issued_flops(gqa, 8, 16, 1, 131072) == 2 * 8 * 16 * 131072 * 256  # no waste
+    assert flash_decode_issued_flops(gqa, 1, 8, 1, 4096) == 2 * 2 * 8 * 4096 * 256  # 8 heads padded to 16
+    assert flash_decode_issued_flops(gqa, 1, 16, 1, 100) == 2 * 16 * 128 * 256  # 100 tokens: two 64-token tiles
+    assert flash_decode_template("merge_states_kernel<bf16,bf16,8>") is None
+
+
+@pytest.mark.skipif(not helix_ext.build_info()["with_cuda"], reason="helix_ext was built without CUDA kernels")
+def test_the_configuration_predicts_the_mmas_in_the_sass():
+    from bench.kernels_report import (demangle, flash_decode_instances, flash_decode_mmas_per_warp_tile, library,
+                                      resource_usage, sass_histograms, short_name)
+
+    binary = library()
+    names = sorted({name for _, name in resource_usage(binary)})
+    short = {k: short_name(v) for k, v in demangle(names).items()}
+    histograms = sass_histograms(binary, "sm_90a")
+    instances = flash_decode_instances({short[n]: histograms.get(n, Counter()) for n in names})
+    assert len(instances) >= 4
+    for name, (template, hmma) in instances.items():
+        assert hmma == flash_decode_mmas_per_warp_tile(template), name
