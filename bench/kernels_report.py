@@ -185,11 +185,11 @@ def flash_decode_template(short: str) -> dict | None:
 
 def flash_decode_mmas_per_warp_tile(c: dict) -> int:
     """The m16n8k16 MMAs one warp issues per pipeline tile, from the configuration: each warp
-    scores its 16 heads against its TILE / WARPS_T tokens over all of DK (the WARPS_V warps
-    that share those heads and tokens each compute the same scores), then multiplies P by its
-    DV / WARPS_V slice of V."""
+    scores its 16 heads against its TILE / WARPS_T tokens over DK / WARPS_V of the reduction
+    (the WARPS_V warps that share those heads and tokens split it and add their partial
+    scores), then multiplies P by its DV / WARPS_V slice of V."""
     tokens, dv = c["tile"] // c["warps_t"], c["dv"] // c["warps_v"]
-    return (tokens // 8) * (c["dk"] // 16) + (dv // 8) * (tokens // 16)
+    return (tokens // 8) * (c["dk"] // 16 // c["warps_v"]) + (dv // 8) * (tokens // 16)
 
 
 def flash_decode_issued_flops(c: dict, batch: int, num_q_heads: int, num_kv_heads: int, seq_len: int) -> int:
@@ -401,14 +401,17 @@ def render() -> str:
     lines += ["## flash_decode: MMAs per warp and tile, from the configuration and in the SASS", "",
               "Per pipeline tile a warp scores its 16 heads against TILE / WARPS_T tokens over DK ((TILE / WARPS_T / 8)",
               "x (DK / 16) MMAs) and multiplies P by its DV / WARPS_V columns of V ((DV / WARPS_V / 8) x",
-              "(TILE / WARPS_T / 16)); the tile loop body is emitted once, so the static HMMA count of the sm_90a",
-              "SASS must equal it. Issued / algorithmic for whole head tiles is (WARPS_V x DK + DV) / (DK + DV):",
-              "the WARPS_V warps of a head tile each compute the same scores.", "",
+              "(TILE / WARPS_T / 16)); the WARPS_V warps that share heads and tokens split the DK reduction",
+              "(DK / 16 / WARPS_V k-steps each) and add their partial scores through shared memory. The tile loop",
+              "body is emitted once, so the static HMMA count of the sm_90a SASS must equal it; issued /",
+              "algorithmic for whole head tiles is then 1 (no score computed twice).", "",
               "| instance | from the configuration | HMMA in the SASS | agree | issued / algorithmic (whole head tiles) |",
               "|---|---:|---:|---|---:|"]
     for name, (template, hmma) in sorted(flash_decode_instances(sass).items()):
         expected = flash_decode_mmas_per_warp_tile(template)
-        ratio = (template["warps_v"] * template["dk"] + template["dv"]) / (template["dk"] + template["dv"])
+        warps = template["warps_m"] * template["warps_v"] * template["warps_t"]
+        ratio = warps * expected * MMA_FLOPS / (2 * 16 * template["warps_m"] * template["tile"]
+                                                * (template["dk"] + template["dv"]))
         lines.append(f"| `{name}` | {expected} | {hmma} | {'yes' if expected == hmma else 'NO'} | {ratio:.2f} |")
     lines += [""]
 

@@ -133,6 +133,15 @@ def test_mla(device, num_q_heads, q_dtype, fp8):
 
 
 @pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mla_forced_num_splits(device, num_splits):
+    # MLA's two Dv warps split each score's 576-deep reduction and add the halves through
+    # shared memory: one split, several, tiles cut short, two head tiles (128 heads).
+    Case([1, 65, 300], num_q_heads=128, num_kv_heads=1, head_dim_k=576, head_dim_v=512, block_size=64,
+         mla=True, device=device).check(num_splits=num_splits)
+
+
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
 def test_long_sequences(device):
     # Longer than one CPU chunk (2048 tokens) and many GPU tiles and splits.
     Case([5000, 2049, 1], num_q_heads=16, num_kv_heads=2, head_dim_k=128, block_size=64, device=device).check()

@@ -38,11 +38,13 @@ def test_issued_tensor_work_counts_recomputed_scores_and_padding():
     mla = flash_decode_template("flash_decode_kernel<Cfg<576,512,4,2,1,32,3,true>,bf16,false>")
     assert mla == dict(dk=576, dv=512, warps_m=4, warps_v=2, warps_t=1, tile=32, stages=3, shared_kv=True,
                        dtype="bf16", fp8=False)
-    # Per warp and 32-token tile: 4 x 36 score MMAs over the 576-deep K, 32 x 2 for its 256 V columns.
-    assert flash_decode_mmas_per_warp_tile(mla) == 4 * 36 + 32 * 2
+    # Per warp and 32-token tile: 4 x 18 score MMAs over its half of the 576-deep K (the two V
+    # warps split the reduction), 32 x 2 for its 256 V columns.
+    assert flash_decode_mmas_per_warp_tile(mla) == 4 * 18 + 32 * 2
     algorithmic = 2 * 16 * 128 * 16384 * (576 + 512)  # M1: B 16, 128 heads, 16K tokens
-    issued = flash_decode_issued_flops(mla, 16, 128, 1, 16384)
-    assert issued / algorithmic == pytest.approx((2 * 576 + 512) / (576 + 512))  # both V warps score
+    assert flash_decode_issued_flops(mla, 16, 128, 1, 16384) == algorithmic  # each score once
+    repeated = dict(mla, warps_v=1, dv=256)  # a warp with all of DK: its scores in full
+    assert flash_decode_mmas_per_warp_tile(repeated) == 4 * 36 + 32 * 2
     gqa = flash_decode_template("flash_decode_kernel<Cfg<128,128,1,1,4,64,3,false>,bf16,true>")
     assert flash_decode_issued_flops(gqa, 8, 16, 1, 131072) == 2 * 8 * 16 * 131072 * 256  # no waste
     assert flash_decode_issued_flops(gqa, 1, 8, 1, 4096) == 2 * 2 * 8 * 4096 * 256  # 8 heads padded to 16

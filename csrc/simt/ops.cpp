@@ -367,6 +367,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   defects["tile_bound_off_by_one"] = static_cast<int>(helix::kPlantTileBoundOffByOne);
   defects["loop_bound_off_by_one"] = static_cast<int>(helix::kPlantLoopBoundOffByOne);
   defects["missing_release_fence"] = static_cast<int>(helix::kPlantMissingReleaseFence);
+  defects["missing_exchange_barrier"] = static_cast<int>(helix::kPlantMissingExchangeBarrier);
   m.attr("planted_defects") = defects;
 #if defined(HELIX_PLANTED_DEFECTS)
   m.attr("planted_defects_built") = true;

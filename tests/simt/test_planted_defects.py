@@ -28,7 +28,8 @@ def flash_case():
 def test_the_defects_are_built_in():
     assert simt.module().planted_defects_built
     assert set(simt.planted_defects()) == {"missing_barrier", "wait_group_off_by_one", "swapped_fragment",
-                                           "tile_bound_off_by_one", "loop_bound_off_by_one", "missing_release_fence"}
+                                           "tile_bound_off_by_one", "loop_bound_off_by_one", "missing_release_fence",
+                                           "missing_exchange_barrier"}
 
 
 @pytest.mark.parametrize("defect", ["missing_barrier", "wait_group_off_by_one", "swapped_fragment",
@@ -38,6 +39,17 @@ def test_flash_decode_defect_is_caught(defect):
     case.check(num_splits=1)  # the harness passes the real kernel...
     with pytest.raises((AssertionError, RuntimeError)):
         case.check(num_splits=1, planted_defect=defect)  # ...and fails the planted one
+
+
+def test_missing_score_exchange_barrier_is_caught():
+    # MLA: the two Dv warps of a head tile add each other's partial scores from shared memory;
+    # without the barrier a warp reads its partner's slot before (poisoned) or after this tile's
+    # write, depending on the schedule.
+    case = Case([40, 100], num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, block_size=64,
+                mla=True, device="simt")
+    case.check(num_splits=1)
+    with pytest.raises((AssertionError, RuntimeError)):
+        case.check(num_splits=1, planted_defect="missing_exchange_barrier")
 
 
 def test_loop_bound_off_by_one_is_caught_by_address_sanitizer():

@@ -52,6 +52,7 @@ enum PlantedDefect : int {
   kPlantTileBoundOffByOne = 4,    // flash_decode: the split's last token + 1 is not masked
   kPlantLoopBoundOffByOne = 5,    // merge_states: the grid-stride loop runs one vector past the end
   kPlantMissingReleaseFence = 6,  // hopb_signal: the flag is published by a relaxed store, no fence
+  kPlantMissingExchangeBarrier = 7,  // flash_decode (WARPS_V > 1): partial scores read before all are written
 };
 
 // The canonical quiet NaN of each element type: what every device writes for a NaN where bits

@@ -8,6 +8,9 @@
 // Tensor cores (mma.sync m16n8k16, fp32 accumulate) do S = Q K^T and O += P V with the
 // query heads as the M dimension (padded to 16). Warps split the work three ways:
 //   warp_m: which 16 heads,  warp_v: which slice of Dv,  warp_t: which tokens of each tile.
+// The warp_v warps of one (warp_m, warp_t) split the DK reduction of their shared scores and
+// add the partial scores through shared memory, so each score is computed once (MLA: a 576-
+// deep reduction that two warps used to repeat in full).
 // K/V tiles of TILE tokens arrive through a STAGES-deep cp.async pipeline (16-byte copies,
 // rows padded by 16 bytes so ldmatrix is bank-conflict free). fp8 tiles are copied as fp8
 // and widened to q's dtype in shared memory (exact), then read like a 16-bit tile.
@@ -60,10 +63,19 @@ struct FlashDecodeConfig {
   static constexpr int kHeadsPerCta = 16 * WARPS_M;
   static constexpr int kTokensPerWarp = TILE / WARPS_T;
   static constexpr int kDvPerWarp = DV / WARPS_V;
+  // The WARPS_V warps of a head tile and token slice split the DK reduction of the scores
+  // (each issues DK / 16 / WARPS_V k-steps) and add their partial scores through shared
+  // memory, so no score is computed twice; each then multiplies P by its Dv slice.
+  static constexpr int kScoreKSteps = DK / 16 / WARPS_V;
+  // Partial scores exchanged per tile: per warp, S_TILES x 4 floats per lane.
+  static constexpr size_t exchange_bytes() {
+    return WARPS_V > 1 ? size_t(WARPS_M) * WARPS_V * WARPS_T * 32 * (kTokensPerWarp / 8) * 4 * sizeof(float) : 0;
+  }
   static_assert(DK % 16 == 0 && kDvPerWarp % 16 == 0, "head dims must split into 16-wide mma tiles");
   static_assert(kTokensPerWarp % 16 == 0, "each warp needs whole 16-token k-steps for P*V");
   static_assert(!SHARED_KV || DV <= DK, "MLA's V is a prefix of the K entry");
   static_assert(STAGES >= 2, "the pipeline needs at least two stages");
+  static_assert((DK / 16) % WARPS_V == 0, "the Dv warps split the score reduction into equal k-step ranges");
 
   // Shared-memory rows (in elements of the 16-bit compute type), padded by 16 bytes.
   static constexpr int kKRow = DK + 8, kVRow = DV + 8;
@@ -82,8 +94,11 @@ struct FlashDecodeConfig {
   static constexpr size_t epilogue_bytes() {
     return size_t(WARPS_T) * kHeadsPerCta * (2 * sizeof(float) + size_t(DV) * sizeof(float));
   }
+  // The score exchange sits after the pipeline, inside the space the epilogue reuses once
+  // the tile loop is over.
   static constexpr size_t smem_bytes(bool fp8) {
-    const size_t body = pipeline_bytes(fp8) > epilogue_bytes() ? pipeline_bytes(fp8) : epilogue_bytes();
+    const size_t loop = pipeline_bytes(fp8) + exchange_bytes();
+    const size_t body = loop > epilogue_bytes() ? loop : epilogue_bytes();
     return size_t(kQElements) * 2 + body;
   }
 };
@@ -131,6 +146,8 @@ __global__ void __launch_bounds__(Config::kThreads)
   HELIX_DYNAMIC_SHARED(unsigned char, shared);
   T* q_tile = reinterpret_cast<T*>(shared);
   unsigned char* body = shared + size_t(Config::kQElements) * 2;
+  // After the pipeline stages (and fp8's widened tile); the epilogue reuses it after the loop.
+  float* score_exchange = reinterpret_cast<float*>(body + Config::pipeline_bytes(KV_FP8));
 
   const int head_tile = blockIdx.x % params.head_tiles;
   const int split = blockIdx.x / params.head_tiles;
@@ -307,8 +324,11 @@ __global__ void __launch_bounds__(Config::kThreads)
     }
     const uint32_t k_address = ptx::shared_address(
         k_tile + (token_base + lane % 8 + (lane / 16) * 8) * KROW + ((lane / 8) % 2) * 8);
+    // This warp's share of the DK reduction (all of it when WARPS_V == 1).
+    const int first_k = warp_v * Config::kScoreKSteps;
 #pragma unroll
-    for (int k = 0; k < DK / 16; ++k) {
+    for (int step = 0; step < Config::kScoreKSteps; ++step) {
+      const int k = first_k + step;
       uint32_t a[4];
       ptx::ldmatrix_x4(a, q_address + k * 32);
 #pragma unroll
@@ -317,6 +337,32 @@ __global__ void __launch_bounds__(Config::kThreads)
         ptx::ldmatrix_x4(b, k_address + (n * 16 * KROW + k * 16) * 2);
         ptx::mma_m16n8k16<T>(scores[2 * n], a, b[0], b[1]);
         ptx::mma_m16n8k16<T>(scores[2 * n + 1], a, b[2], b[3]);
+      }
+    }
+    if constexpr (WARPS_V > 1) {
+      // The Dv warps of this head tile and token slice hold partial scores in the same
+      // fragment layout: publish, then every one adds all partials in warp_v order (the same
+      // bits in each). The barrier at the top of the next tile keeps the buffer until all
+      // have read it.
+      const int group = warp_m + WARPS_M * warp_t;  // the warps of one group differ in warp_v only
+      auto slot = [&](int v, int n, int i) {
+        return ((group * WARPS_V + v) * (S_TILES * 4) + n * 4 + i) * 32 + lane;  // lane-minor: no bank conflicts
+      };
+#pragma unroll
+      for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) score_exchange[slot(warp_v, n, i)] = scores[n][i];
+      }
+      if (!HELIX_PLANT(kPlantMissingExchangeBarrier)) __syncthreads();
+#pragma unroll
+      for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float total = score_exchange[slot(0, n, i)];
+#pragma unroll
+          for (int v = 1; v < WARPS_V; ++v) total += score_exchange[slot(v, n, i)];
+          scores[n][i] = total;
+        }
       }
     }
 
