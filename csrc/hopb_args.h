@@ -23,6 +23,30 @@ inline void check_hopb_signal_args(const at::Tensor& flags, const at::Tensor& ep
   TORCH_CHECK(flags.device() == epoch.device(), "hopb_signal: flags and epoch must be on one device");
 }
 
+// The checks the two waiting ops share: each peer's flag (read by raw pointer at [chunk]: a
+// strided or expanded view would read another slot), this rank's epoch, the error flag and the
+// bounded timeout, every tensor on `device`.
+inline void check_hopb_wait_args(const char* op, const std::vector<at::Tensor>& peer_flags, const at::Tensor& epoch,
+                                 int64_t chunk, double timeout_s, const at::Tensor& error, const at::Device& device) {
+  for (size_t i = 0; i < peer_flags.size(); ++i) {
+    TORCH_CHECK(peer_flags[i].scalar_type() == at::kInt && peer_flags[i].dim() == 1 &&
+                    peer_flags[i].is_contiguous() && chunk >= 0 && chunk < peer_flags[i].size(0),
+                op, ": peer_flags[", i, "] must be a contiguous 1-D int32 tensor with a flag for chunk ", chunk,
+                ", got ", peer_flags[i].scalar_type(), " ", peer_flags[i].sizes(), " with strides ",
+                peer_flags[i].strides());
+    TORCH_CHECK(peer_flags[i].device() == device, op, ": every peer view must be on ", device, " (peer ", i,
+                " is not)");
+  }
+  TORCH_CHECK(epoch.scalar_type() == at::kInt && epoch.dim() == 1 && epoch.is_contiguous() && chunk < epoch.size(0) &&
+                  epoch.device() == device,
+              op, ": epoch must be a contiguous 1-D int32 tensor on ", device, " with an entry for chunk ", chunk,
+              ", got ", epoch.scalar_type(), " ", epoch.sizes(), " with strides ", epoch.strides());
+  TORCH_CHECK(error.scalar_type() == at::kInt && error.numel() >= 1 && error.device() == device, op,
+              ": error must be an int32 tensor on ", device);
+  TORCH_CHECK(timeout_s > 0 && timeout_s <= kHopbMaxTimeoutSeconds, op, ": timeout_s must be in (0, ",
+              kHopbMaxTimeoutSeconds, "] seconds (the wait is bounded), got ", timeout_s);
+}
+
 // Returns (rows, heads, head_dim) of the parts.
 inline std::tuple<int64_t, int64_t, int64_t> check_hopb_combine_args(
     const std::vector<at::Tensor>& peer_out, const std::vector<at::Tensor>& peer_lse,
@@ -48,25 +72,10 @@ inline std::tuple<int64_t, int64_t, int64_t> check_hopb_combine_args(
                     peer_lse[i].is_contiguous(),
                 "hopb_combine: peer_lse[", i, "] must be a contiguous float32 [rows, heads] = ",
                 first.sizes().slice(0, 2), ", got ", peer_lse[i].scalar_type(), " ", peer_lse[i].sizes());
-    // Flags are read by raw pointer at [chunk]: a strided or expanded view would read another slot.
-    TORCH_CHECK(peer_flags[i].scalar_type() == at::kInt && peer_flags[i].dim() == 1 &&
-                    peer_flags[i].is_contiguous() && chunk >= 0 && chunk < peer_flags[i].size(0),
-                "hopb_combine: peer_flags[", i, "] must be a contiguous 1-D int32 tensor with a flag for chunk ",
-                chunk, ", got ", peer_flags[i].scalar_type(), " ", peer_flags[i].sizes(), " with strides ",
-                peer_flags[i].strides());
-    TORCH_CHECK(peer_out[i].device() == first.device() && peer_lse[i].device() == first.device() &&
-                    peer_flags[i].device() == first.device(),
+    TORCH_CHECK(peer_out[i].device() == first.device() && peer_lse[i].device() == first.device(),
                 "hopb_combine: every peer view must be on ", first.device(), " (peer ", i, " is not)");
   }
-  TORCH_CHECK(epoch.scalar_type() == at::kInt && epoch.dim() == 1 && epoch.is_contiguous() && chunk < epoch.size(0) &&
-                  epoch.device() == first.device(),
-              "hopb_combine: epoch must be a contiguous 1-D int32 tensor on ", first.device(),
-              " with an entry for chunk ", chunk, ", got ", epoch.scalar_type(), " ", epoch.sizes(), " with strides ",
-              epoch.strides());
-  TORCH_CHECK(error.scalar_type() == at::kInt && error.numel() >= 1 && error.device() == first.device(),
-              "hopb_combine: error must be an int32 tensor on ", first.device());
-  TORCH_CHECK(timeout_s > 0 && timeout_s <= kHopbMaxTimeoutSeconds, "hopb_combine: timeout_s must be in (0, ",
-              kHopbMaxTimeoutSeconds, "] seconds (the wait is bounded), got ", timeout_s);
+  check_hopb_wait_args("hopb_combine", peer_flags, epoch, chunk, timeout_s, error, first.device());
   TORCH_CHECK(first.size(2) >= 1, "hopb_combine: peer_out must have a head dim D >= 1, got shape ", first.sizes());
   return {first.size(0), first.size(1), first.size(2)};
 }
@@ -89,23 +98,10 @@ inline int64_t check_hopb_all_reduce_args(const std::vector<at::Tensor>& peer_pa
                     peer_parts[i].is_contiguous(),
                 "hopb_all_reduce: peer_parts[", i, "] must be contiguous with peer_parts[0]'s shape ", first.sizes(),
                 " and dtype ", dtype, ", got ", peer_parts[i].sizes(), " ", peer_parts[i].scalar_type());
-    TORCH_CHECK(peer_flags[i].scalar_type() == at::kInt && peer_flags[i].dim() == 1 &&
-                    peer_flags[i].is_contiguous() && chunk >= 0 && chunk < peer_flags[i].size(0),
-                "hopb_all_reduce: peer_flags[", i, "] must be a contiguous 1-D int32 tensor with a flag for chunk ",
-                chunk, ", got ", peer_flags[i].scalar_type(), " ", peer_flags[i].sizes(), " with strides ",
-                peer_flags[i].strides());
-    TORCH_CHECK(peer_parts[i].device() == first.device() && peer_flags[i].device() == first.device(),
+    TORCH_CHECK(peer_parts[i].device() == first.device(),
                 "hopb_all_reduce: every peer view must be on ", first.device(), " (peer ", i, " is not)");
   }
-  TORCH_CHECK(epoch.scalar_type() == at::kInt && epoch.dim() == 1 && epoch.is_contiguous() && chunk < epoch.size(0) &&
-                  epoch.device() == first.device(),
-              "hopb_all_reduce: epoch must be a contiguous 1-D int32 tensor on ", first.device(),
-              " with an entry for chunk ", chunk, ", got ", epoch.scalar_type(), " ", epoch.sizes(), " with strides ",
-              epoch.strides());
-  TORCH_CHECK(error.scalar_type() == at::kInt && error.numel() >= 1 && error.device() == first.device(),
-              "hopb_all_reduce: error must be an int32 tensor on ", first.device());
-  TORCH_CHECK(timeout_s > 0 && timeout_s <= kHopbMaxTimeoutSeconds, "hopb_all_reduce: timeout_s must be in (0, ",
-              kHopbMaxTimeoutSeconds, "] seconds (the wait is bounded), got ", timeout_s);
+  check_hopb_wait_args("hopb_all_reduce", peer_flags, epoch, chunk, timeout_s, error, first.device());
   return first.numel();
 }
 

@@ -26,14 +26,19 @@ inline void signal(at::Tensor& flags, at::Tensor& epoch, int64_t chunk, const La
   HELIX_CUDA_LAUNCH_CHECK();
 }
 
+// CTAs of kHopbThreads for `work` grid-stride items: at least one (every CTA waits on the flags,
+// which is what orders a later reuse of the peers' buffers), at most 8 per SM.
+inline int grid_blocks(int64_t work, const LaunchContext& context) {
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>((work + kHopbThreads - 1) / kHopbThreads, int64_t{context.multiprocessor_count} * 8)));
+}
+
 template <typename T>
 void launch_combine(HopbCombineParams& params, bool vectorizable, const LaunchContext& context) {
   const cudaStream_t stream = context.stream;
   constexpr int kVec = 16 / sizeof(T);
   const int vec = vectorizable ? kVec : 1;
-  const int64_t work = params.rows * (params.head_dim / vec);
-  const int blocks = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>((work + kHopbThreads - 1) / kHopbThreads, int64_t{context.multiprocessor_count} * 8)));
+  const int blocks = grid_blocks(params.rows * (params.head_dim / vec), context);
   if (vectorizable) {
     HELIX_LAUNCH(blocks, kHopbThreads, 0, stream, hopb_combine_kernel<T, kVec>)(params);
   } else {
@@ -82,9 +87,7 @@ template <typename T>
 void launch_all_reduce(HopbAllReduceParams& params, bool vectorizable, const LaunchContext& context) {
   constexpr int kVec = 16 / sizeof(T);
   const int vec = vectorizable ? kVec : 1;
-  const int64_t work = params.numel / vec;
-  const int blocks = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>((work + kHopbThreads - 1) / kHopbThreads, int64_t{context.multiprocessor_count} * 8)));
+  const int blocks = grid_blocks(params.numel / vec, context);
   if (vectorizable) {
     HELIX_LAUNCH(blocks, kHopbThreads, 0, context.stream, hopb_all_reduce_kernel<T, kVec>)(params);
   } else {

@@ -173,11 +173,10 @@ class HelixDecoder:
         w = {name: full[name].to(dev) for name in ("embed", "final_norm")}
         # The LM head sharded over the vocabulary: rows [r * V', (r + 1) * V') on rank r, V' =
         # ceil(V / N), the last shard padded with zero rows (their logits are cut after the gather).
-        vocab = full["lm_head"].shape[0]
-        self.vocab_shard = -(-vocab // n)
-        rows = full["lm_head"][self.rank * self.vocab_shard:(self.rank + 1) * self.vocab_shard]
-        if rows.shape[0] < self.vocab_shard:
-            rows = torch.cat([rows, rows.new_zeros(self.vocab_shard - rows.shape[0], rows.shape[1])])
+        shard = -(-full["lm_head"].shape[0] // n)
+        rows = full["lm_head"][self.rank * shard:(self.rank + 1) * shard]
+        if rows.shape[0] < shard:
+            rows = torch.cat([rows, rows.new_zeros(shard - rows.shape[0], rows.shape[1])])
         w["lm_head"] = rows.contiguous().to(dev)
         for layer in range(m.num_layers):
             p = f"layers.{layer}."

@@ -170,9 +170,13 @@ def allocate_peer_buffers(group, index: int, peers: int, nbytes: int, device: to
     GPUs: torch symmetric memory. Ranks that are threads of one process (launch.spawn_threads):
     each allocates its own and takes its peers' from an in-process registry. CPU processes: one
     shared-memory file per rank, mapped by every rank, unlinked once all have mapped it."""
+    threaded = dist.get_backend(group) == "threaded"
+    if device.type == "cuda" and not threaded:
+        return runtime().symmetric_buffers(nbytes, group, index, peers, device)
+    # Named from a token rank 0 of the group draws.
     token = [secrets.token_hex(8) if index == 0 else None]
-    if dist.get_backend(group) == "threaded":
-        dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
+    dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
+    if threaded:
         local = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         _IN_PROCESS_BUFFERS[(token[0], index)] = local
         dist.barrier(group=group)  # every buffer registered
@@ -180,9 +184,6 @@ def allocate_peer_buffers(group, index: int, peers: int, nbytes: int, device: to
         dist.barrier(group=group)  # everyone holds every buffer: the registry entries can go
         del _IN_PROCESS_BUFFERS[(token[0], index)]
         return buffers, None
-    if device.type == "cuda":
-        return runtime().symmetric_buffers(nbytes, group, index, peers, device)
-    dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
     paths = [f"/dev/shm/helix-peer-{token[0]}-{peer}" for peer in range(peers)]
     try:
         local = torch.from_file(paths[index], shared=True, size=nbytes, dtype=torch.uint8)

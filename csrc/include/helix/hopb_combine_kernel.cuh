@@ -98,15 +98,37 @@ HELIX_DEVICE bool hopb_wait_for_peers(const int32_t* const* peer_flags, int num_
   return missing == 0;
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCombineParams params) {
+// The CTA's gate: thread 0 waits for every peer's flag (hopb_wait_for_peers), the barrier
+// orders every thread's reads after its acquire loads; whether all peers signalled (uniform).
+template <typename Params>
+HELIX_DEVICE bool hopb_cta_wait_for_peers(const Params& params) {
   HELIX_SHARED_VARIABLE(int, ready);
   if (threadIdx.x == 0) {
     ready = hopb_wait_for_peers(params.peer_flags, params.num_peers, params.epoch, params.chunk, params.timeout_ns,
                                 params.error);
   }
-  __syncthreads();  // orders every thread's reads after thread 0's acquire loads
-  if (!ready) return;
+  __syncthreads();
+  return ready;
+}
+
+// VEC elements of a peer's buffer, read past the caches (the buffers are rewritten every step):
+// one 16-byte load where VEC elements make 16 bytes.
+template <typename T, int VEC>
+HELIX_DEVICE ElementVector<T, VEC> load_peer_vector(const T* part) {
+  ElementVector<T, VEC> values;
+  if constexpr (sizeof(ElementVector<T, VEC>) == 16) {
+    const uint4 raw = __ldcv(reinterpret_cast<const uint4*>(part));
+    values = *reinterpret_cast<const ElementVector<T, VEC>*>(&raw);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) values.elements[i] = __ldcv(part + i);
+  }
+  return values;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCombineParams params) {
+  if (!hopb_cta_wait_for_peers(params)) return;
 
   T* out = static_cast<T*>(params.out);
   const int64_t vectors_per_row = params.head_dim / VEC;
@@ -124,14 +146,7 @@ __global__ void __launch_bounds__(kHopbThreads) hopb_combine_kernel(const HopbCo
       const float weight = merge_weight(__ldcv(params.peer_lse[p] + row), merge);
       if (weight == 0.0f) continue;  // an absent part is never read
       const T* part = static_cast<const T*>(params.peer_out[p]) + row * params.head_dim + element;
-      ElementVector<T, VEC> values;
-      if constexpr (sizeof(ElementVector<T, VEC>) == 16) {
-        const uint4 raw = __ldcv(reinterpret_cast<const uint4*>(part));
-        values = *reinterpret_cast<const ElementVector<T, VEC>*>(&raw);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) values.elements[i] = __ldcv(part + i);
-      }
+      const ElementVector<T, VEC> values = load_peer_vector<T, VEC>(part);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) accumulator[i] += weight * ElementTraits<T>::to_float(values.elements[i]);
     }
@@ -159,13 +174,7 @@ struct HopbAllReduceParams {
 // passing the same peers in the same order) gets the same bits.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kHopbThreads) hopb_all_reduce_kernel(const HopbAllReduceParams params) {
-  HELIX_SHARED_VARIABLE(int, ready);
-  if (threadIdx.x == 0) {
-    ready = hopb_wait_for_peers(params.peer_flags, params.num_peers, params.epoch, params.chunk, params.timeout_ns,
-                                params.error);
-  }
-  __syncthreads();  // orders every thread's reads after thread 0's acquire loads
-  if (!ready) return;
+  if (!hopb_cta_wait_for_peers(params)) return;
 
   T* out = static_cast<T*>(params.out);
   const int64_t vectors = params.numel / VEC;
@@ -176,14 +185,7 @@ __global__ void __launch_bounds__(kHopbThreads) hopb_all_reduce_kernel(const Hop
     for (int i = 0; i < VEC; ++i) accumulator[i] = 0.0f;
     for (int p = 0; p < params.num_peers; ++p) {
       const T* part = static_cast<const T*>(params.peer_parts[p]) + index * VEC;
-      ElementVector<T, VEC> values;
-      if constexpr (sizeof(ElementVector<T, VEC>) == 16) {
-        const uint4 raw = __ldcv(reinterpret_cast<const uint4*>(part));
-        values = *reinterpret_cast<const ElementVector<T, VEC>*>(&raw);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) values.elements[i] = __ldcv(part + i);
-      }
+      const ElementVector<T, VEC> values = load_peer_vector<T, VEC>(part);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) accumulator[i] += ElementTraits<T>::to_float(values.elements[i]);
     }
