@@ -117,6 +117,24 @@ def test_float32_on_the_cpu():
          mla=True).check()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("q_dtype, kv_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                (torch.bfloat16, FP8), (torch.float32, torch.float32)],
+                         ids=["bf16", "fp16", "fp8", "fp32"])
+@pytest.mark.parametrize("group, num_kv_heads, head_dim", [(1, 8, 128), (3, 6, 72), (4, 5, 48), (2, 3, 7)])
+def test_cpu_vector_items_span_kv_heads(threads, q_dtype, kv_dtype, group, num_kv_heads, head_dim):
+    # The CPU vector engine (groups of 1-4) gives a work item several KV heads (up to 16 query
+    # heads: here 8, 5+1, 4+1 and 3 KV heads per item) when there are items enough for the
+    # threads; head dims with 32-wide, 16-wide and scalar tails; tiles that end mid-block.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        Case([0, 1, 130, 2100, 4200], num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
+             head_dim_k=head_dim, block_size=48, q_dtype=q_dtype, kv_dtype=kv_dtype).check()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.gpu
 def test_float32_is_rejected_on_cuda():
     with pytest.raises(RuntimeError, match=r"float32 runs on the CPU only"):

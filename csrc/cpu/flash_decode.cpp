@@ -43,6 +43,8 @@ constexpr int64_t kSpan = 512;          // tokens per online-softmax step of the
 constexpr int64_t kMaxSlabHeads = 64;   // query heads per work item (the columns of a score tile)
 // Query groups up to this size run the vector engine: a GEMM tile is 16 rows of heads at least.
 constexpr int64_t kVectorMaxGroup = 4;
+// Query heads per vector-engine work item: its rows span several KV heads of small groups.
+constexpr int64_t kVectorMaxItemHeads = 16;
 
 using c10::BFloat16;
 
@@ -186,59 +188,106 @@ HELIX_CPU_CLONES void interleave_rows(const KVT* __restrict even, const KVT* __r
 }
 
 // The vector engine's tile products (small query groups, where a 16-row GEMM tile would be
-// mostly padding): rows read in place through their pointers, widened to fp32 once.
-//   scores[t * heads + h] = queries[h] . rows[t]               (t < count <= kTile)
-// Each dot product keeps 16 lane sums; the lanes of all the tile's tokens are then added
-// across tokens (vectors over t), not one horizontal sum per token.
+// mostly padding), on 16-float vectors (simd.h): rows read in place through their pointers,
+// bf16 widened as it is loaded, fp8 and fp16 widened into `widened` first.
+// A vector item may span several KV heads (small groups): head h of the item reads KV head
+// h / group, `head_stride` elements after the item's first one in each row, and the loops walk
+// token rows in the outer loop so that memory is first touched in row order (a KV head's own
+// rows are Hkv * D elements apart: a stride the hardware prefetchers follow badly). While row t
+// is read, row t of the next tile (`ahead`, the item's span of it) is prefetched.
 constexpr int64_t kLanes = 16;
 
-template <typename KVT>
-HELIX_CPU_CLONES void tile_scores_vector(const KVT* const* rows, int64_t count, const float* __restrict queries,
-                                         int64_t heads, int64_t dim, float* __restrict widened,
-                                         float* __restrict scores) {
-  if constexpr (!std::is_same_v<KVT, float>) {
-    for (int64_t t = 0; t < count; ++t) {
-      for (int64_t d = 0; d < dim; ++d) widened[t * dim + d] = widen(rows[t], d);
-    }
-  }
-  const int64_t whole = dim / kLanes * kLanes;
-  float lanes[kLanes][kTile];
-  float sums[kTile];
-  for (int64_t h = 0; h < heads; ++h) {
-    const float* query = queries + h * dim;
-    for (int64_t t = 0; t < count; ++t) {
-      const float* key = std::is_same_v<KVT, float> ? reinterpret_cast<const float*>(rows[t]) : widened + t * dim;
-      float lane[kLanes] = {};
-      for (int64_t d = 0; d < whole; d += kLanes) {
-        for (int64_t j = 0; j < kLanes; ++j) lane[j] += query[d + j] * key[d + j];
-      }
-      for (int64_t d = whole; d < dim; ++d) lane[0] += query[d] * key[d];
-      for (int64_t j = 0; j < kLanes; ++j) lanes[j][t] = lane[j];
-    }
-    for (int64_t t = 0; t < count; ++t) sums[t] = lanes[0][t];
-    for (int64_t j = 1; j < kLanes; ++j) {
-      for (int64_t t = 0; t < count; ++t) sums[t] += lanes[j][t];
-    }
-    for (int64_t t = 0; t < count; ++t) scores[t * heads + h] = sums[t];
+// Asks for `bytes` bytes from `start` on ahead of their use.
+inline void prefetch_bytes(const void* start, int64_t bytes) {
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(static_cast<const char*>(start) + byte);
+}
+
+// 16 elements of a row from `d` on, as floats (`row` is float, or bf16 bits).
+template <typename RT>
+HELIX_VECTOR_INLINE F32x16 load_row16(const RT* row, int64_t d) {
+  if constexpr (std::is_same_v<RT, float>) {
+    return load_f32x16(row + d);
+  } else {
+    return load_f32x16_from_bf16(row + d);
   }
 }
 
-//   acc[h] += probabilities[h * tile + t] * rows[t][:dim]      (t < count)
+template <typename RT>
+inline float load_scalar(const RT* row, int64_t d) {
+  if constexpr (std::is_same_v<RT, float>) {
+    return row[d];
+  } else {
+    return widen(reinterpret_cast<const BFloat16*>(row), d);
+  }
+}
+
+// The row a vector loop reads: bf16 bits and fp32 in place, other types widened into `widened`.
+template <typename KVT>
+using VectorRow = std::conditional_t<std::is_same_v<KVT, BFloat16>, uint16_t, float>;
+
+template <typename KVT>
+inline const VectorRow<KVT>* vector_row(const KVT* row, int64_t dim, float* widened) {
+  if constexpr (std::is_same_v<KVT, float>) {
+    return row;
+  } else if constexpr (std::is_same_v<KVT, BFloat16>) {
+    return reinterpret_cast<const uint16_t*>(row);
+  } else {
+    for (int64_t d = 0; d < dim; ++d) widened[d] = widen(row, d);
+    return widened;
+  }
+}
+
+// query . key over dim elements: two 16-lane accumulators (independent FMA chains), a scalar
+// tail for dims that are not a multiple of 16.
+template <typename RT>
+HELIX_VECTOR_INLINE float dot_row(const float* __restrict query, const RT* __restrict key, int64_t dim) {
+  F32x16 even = {}, odd = {};
+  int64_t d = 0;
+  for (; d + 2 * kLanes <= dim; d += 2 * kLanes) {
+    even += load_f32x16(query + d) * load_row16(key, d);
+    odd += load_f32x16(query + d + kLanes) * load_row16(key, d + kLanes);
+  }
+  if (d + kLanes <= dim) {
+    even += load_f32x16(query + d) * load_row16(key, d);
+    d += kLanes;
+  }
+  float sum = horizontal_sum(even + odd);
+  for (; d < dim; ++d) sum += query[d] * load_scalar(key, d);
+  return sum;
+}
+
+//   scores[t * heads + h] = queries[h] . rows[t][(h / group) * head_stride :][:dim]   (t < count)
+template <typename KVT>
+HELIX_CPU_CLONES void tile_scores_vector(const KVT* const* rows, int64_t count, const float* __restrict queries,
+                                         int64_t heads, int64_t group, int64_t head_stride, int64_t dim,
+                                         float* __restrict widened, float* __restrict scores,
+                                         const KVT* const* ahead, int64_t ahead_count, int64_t ahead_bytes) {
+  for (int64_t t = 0; t < count; ++t) {
+    if (t < ahead_count) prefetch_bytes(ahead[t], ahead_bytes);
+    for (int64_t first = 0; first < heads; first += group) {
+      const auto* key = vector_row(rows[t] + first / group * head_stride, dim, widened);
+      for (int64_t h = first; h < first + group; ++h) scores[t * heads + h] = dot_row(queries + h * dim, key, dim);
+    }
+  }
+}
+
+//   acc[h] += probabilities[h * tile + t] * rows[t][(h / group) * head_stride :][:dim]   (t < count)
 template <typename KVT>
 HELIX_CPU_CLONES void tile_values_vector(const KVT* const* rows, int64_t count, const float* __restrict probabilities,
-                                         int64_t tile, int64_t heads, int64_t dim, float* __restrict row_buffer,
-                                         float* __restrict acc) {
+                                         int64_t tile, int64_t heads, int64_t group, int64_t head_stride,
+                                         int64_t dim, float* __restrict widened, float* __restrict acc,
+                                         const KVT* const* ahead, int64_t ahead_count, int64_t ahead_bytes) {
   for (int64_t t = 0; t < count; ++t) {
-    const float* value = row_buffer;
-    if constexpr (std::is_same_v<KVT, float>) {
-      value = rows[t];
-    } else {
-      for (int64_t d = 0; d < dim; ++d) row_buffer[d] = widen(rows[t], d);
-    }
-    for (int64_t h = 0; h < heads; ++h) {
-      const float weight = probabilities[h * tile + t];
-      float* out = acc + h * dim;
-      for (int64_t d = 0; d < dim; ++d) out[d] += weight * value[d];
+    if (t < ahead_count) prefetch_bytes(ahead[t], ahead_bytes);
+    for (int64_t first = 0; first < heads; first += group) {
+      const auto* value = vector_row(rows[t] + first / group * head_stride, dim, widened);
+      for (int64_t h = first; h < first + group; ++h) {
+        const float weight = probabilities[h * tile + t];
+        float* out = acc + h * dim;
+        int64_t d = 0;
+        for (; d + kLanes <= dim; d += kLanes) store_f32x16(out + d, load_f32x16(out + d) + weight * load_row16(value, d));
+        for (; d < dim; ++d) out[d] += weight * load_scalar(value, d);
+      }
     }
   }
 }
@@ -282,8 +331,9 @@ class FlashDecodeCpu {
     key_ = {k_cache.const_data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
     const at::Tensor& values = v_cache.has_value() ? *v_cache : k_cache;
     value_ = {values.const_data_ptr(), values.stride(0), values.stride(1), values.stride(2)};
-    // Measured (2-core Xeon, 2026-12-07): +15-20% at Hkv = 8, -5-10% on contiguous rows.
-    prefetch_ = key_.stride_token != shape.head_dim_k;
+    // Cache rows packed back to back, all KV heads of a token together, each head's Dk dims.
+    packed_rows_ = key_.stride_token == shape.num_kv_heads * shape.head_dim_k &&
+                   (shape.num_kv_heads == 1 || key_.stride_head == shape.head_dim_k);
   }
 
   // Columns of the packed Q^T (and of the score tile) for a slab of `heads` query heads.
@@ -293,6 +343,11 @@ class FlashDecodeCpu {
   void run(const WorkItem& item, Scratch<CT>& s, float* partial_out, float* partial_lse) const {
     const int64_t heads = item.heads, width = padded_heads(heads);
     const int64_t dim_k = shape_.head_dim_k, dim_v = shape_.head_dim_v;
+    // GEMM engines: software prefetch two tiles ahead when the item reads part of each cache
+    // row (a KV head of several, or padded rows): its rows are then apart, a pattern the
+    // hardware prefetchers follow badly. Measured (2-core Xeon, 2026-12-07): +15-20% at Hkv = 8,
+    // -5-10% on rows read whole. (The vector engine prefetches as it reads.)
+    const bool prefetch = !packed_rows_ || (heads - 1) / group_size_ + 1 < shape_.num_kv_heads;
     // Q^T [Dk, width] (padding columns zero): row-major for fp32 GEMMs, VNNI pairs of rows for
     // bf16 ones; the vector engine keeps Q [heads, Dk].
     s.queries.assign(dim_k * width, CT(0.0f));
@@ -315,10 +370,6 @@ class FlashDecodeCpu {
         s.scores.resize(kTile * width);
         s.probabilities.resize(heads * kTile);
         for (int64_t first = item.token_begin; first < item.token_end; first += kTile) {
-          if (prefetch_) {
-            prefetch_rows(key_, dim_k, item, first + 2 * kTile);
-            if (!shape_.mla) prefetch_rows(value_, dim_v, item, first + 2 * kTile);
-          }
           vector_tile(item, first, std::min(kTile, item.token_end - first), s);
         }
       }
@@ -333,7 +384,7 @@ class FlashDecodeCpu {
         const int64_t tiles = (span_count + kTile - 1) / kTile;
         for (int64_t i = 0; i < tiles; ++i) {
           const int64_t first = span + i * kTile, count = std::min(kTile, span + span_count - first);
-          if (prefetch_) prefetch_rows(key_, dim_k, item, first + 2 * kTile);
+          if (prefetch) prefetch_rows(key_, dim_k, item, first + 2 * kTile);
           int64_t key_stride = 0;
           const CT* keys = tile_rows(key_, dim_k, item, first, count, s.keys, &key_stride);
           at::native::cpublas::brgemm(kTile, width, dim_k, key_stride, width, width, false, keys, queries,
@@ -343,7 +394,7 @@ class FlashDecodeCpu {
         for (int64_t i = 0; i < tiles; ++i) {
           const int64_t first = span + i * kTile, count = std::min(kTile, span + span_count - first);
           const CacheView& cache = shape_.mla ? key_ : value_;  // MLA: V is the first Dv dims of the K rows
-          if (prefetch_) prefetch_rows(cache, dim_v, item, first + 2 * kTile);
+          if (prefetch) prefetch_rows(cache, dim_v, item, first + 2 * kTile);
           const CT* probabilities = s.probabilities.data() + i * kTile;
           if constexpr (kVnni) {
             // V packed straight from the cache rows (converted from fp8 on the way; zero pairs
@@ -408,13 +459,25 @@ class FlashDecodeCpu {
   void vector_tile(const WorkItem& item, int64_t first, int64_t count, Scratch<CT>& s) const {
     const int64_t heads = item.heads, dim_k = shape_.head_dim_k, dim_v = shape_.head_dim_v;
     const KVT* rows[kTile];
-    s.values.resize(kTile * std::max(dim_k, dim_v));
+    const KVT* ahead[kTile];
+    // The next tile's rows, prefetched one row per row read (a burst of a whole tile's
+    // prefetches measured slower: the misses queue up).
+    const int64_t ahead_first = first + kTile;
+    const int64_t ahead_count = std::max<int64_t>(0, std::min(kTile, item.token_end - ahead_first));
+    const int64_t kv_heads = (heads - 1) / group_size_ + 1;
+    s.values.resize(std::max(dim_k, dim_v));
     tile_row_pointers(key_, item, first, count, rows);
-    tile_scores_vector<KVT>(rows, count, s.queries.data(), heads, dim_k, s.values.data(), s.scores.data());
+    if (ahead_count > 0) tile_row_pointers(key_, item, ahead_first, ahead_count, ahead);
+    tile_scores_vector<KVT>(rows, count, s.queries.data(), heads, group_size_, key_.stride_head, dim_k,
+                            s.values.data(), s.scores.data(), ahead, ahead_count,
+                            ((kv_heads - 1) * key_.stride_head + dim_k) * static_cast<int64_t>(sizeof(KVT)));
     softmax_tile(s, heads, heads, count, kTile);
     if (!shape_.mla) tile_row_pointers(value_, item, first, count, rows);
-    tile_values_vector<KVT>(rows, count, s.probabilities.data(), kTile, heads, dim_v, s.values.data(),
-                            s.accumulator.data());
+    if (ahead_count > 0 && !shape_.mla) tile_row_pointers(value_, item, ahead_first, ahead_count, ahead);
+    const int64_t value_head_stride = shape_.mla ? key_.stride_head : value_.stride_head;
+    tile_values_vector<KVT>(rows, count, s.probabilities.data(), kTile, heads, group_size_, value_head_stride, dim_v,
+                            s.values.data(), s.accumulator.data(), ahead, shape_.mla ? 0 : ahead_count,
+                            ((kv_heads - 1) * value_head_stride + dim_v) * static_cast<int64_t>(sizeof(KVT)));
   }
 
   // Asks for `dim` elements of the rows of the tile at `first` ahead of their use: a KV head's
@@ -425,10 +488,9 @@ class FlashDecodeCpu {
     if (count <= 0) return;
     const KVT* rows[kTile];
     tile_row_pointers(cache, item, first, count, rows);
-    const int64_t bytes = dim * static_cast<int64_t>(sizeof(KVT));
-    for (int64_t t = 0; t < count; ++t) {
-      for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(rows[t]) + byte);
-    }
+    const int64_t span = (item.heads - 1) / group_size_ * cache.stride_head + dim;  // the item's KV heads
+    const int64_t bytes = span * static_cast<int64_t>(sizeof(KVT));
+    for (int64_t t = 0; t < count; ++t) prefetch_bytes(rows[t], bytes);
   }
 
   // Row pointers of tokens [first, first + count) of one KV head: one division per tile (a
@@ -471,7 +533,7 @@ class FlashDecodeCpu {
   }
 
   bool vector_;
-  bool prefetch_;  // rows of a KV head are not contiguous (Hkv > 1): prefetch two tiles ahead
+  bool packed_rows_;
   FlashDecodeShape shape_;
   int64_t group_size_;
   const QT* q_;
@@ -500,21 +562,36 @@ void flash_decode_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   const FlashDecodeCpu<QT, KVT, CT> kernel(q, k_cache, v_cache, block_table, shape, softmax_scale, k_scale, v_scale,
                                            vector);
   const int64_t group = shape.num_q_heads / shape.num_kv_heads, dim_v = shape.head_dim_v;
-  const int64_t slab = std::min(group, kMaxSlabHeads);
   const int32_t* lengths = seq_lens.const_data_ptr<int32_t>();
+  const auto chunks_of = [&](int64_t b) {
+    const int64_t length = lengths[b * seq_lens.stride(0)];
+    return std::max<int64_t>(1, (length + kChunkTokens - 1) / kChunkTokens);
+  };
+  // Vector items span kv_step KV heads (whole groups, at most kVectorMaxItemHeads query heads),
+  // fewer while that would leave under 4 items per thread; GEMM items one KV head's slab.
+  int64_t kv_step = 1;
+  if (vector) {
+    int64_t chunks = 0;
+    for (int64_t b = 0; b < shape.batch; ++b) chunks += chunks_of(b);
+    kv_step = std::max<int64_t>(1, std::min(shape.num_kv_heads, kVectorMaxItemHeads / group));
+    while (kv_step > 1 && chunks * ((shape.num_kv_heads + kv_step - 1) / kv_step) < 4 * at::get_num_threads()) {
+      kv_step = (kv_step + 1) / 2;
+    }
+  }
+  const int64_t slab = vector ? kv_step * group : std::min(group, kMaxSlabHeads);
 
-  // Work items; the chunks of one (sequence, KV head, head slab) are consecutive, starting at
+  // Work items; the chunks of one (sequence, KV heads, head slab) are consecutive, starting at
   // first_item[slab_index], so that a merge reads a contiguous run.
   std::vector<WorkItem> items;
   std::vector<int64_t> first_item;
   for (int64_t b = 0; b < shape.batch; ++b) {
-    const int64_t length = lengths[b * seq_lens.stride(0)];
-    const int64_t chunks = std::max<int64_t>(1, (length + kChunkTokens - 1) / kChunkTokens);
-    for (int64_t g = 0; g < shape.num_kv_heads; ++g) {
-      for (int64_t head = 0; head < group; head += slab) {
+    const int64_t length = lengths[b * seq_lens.stride(0)], chunks = chunks_of(b);
+    for (int64_t g = 0; g < shape.num_kv_heads; g += kv_step) {
+      const int64_t heads = vector ? std::min(kv_step, shape.num_kv_heads - g) * group : group;
+      for (int64_t head = 0; head < heads; head += slab) {
         first_item.push_back(static_cast<int64_t>(items.size()));
         for (int64_t c = 0; c < chunks; ++c) {
-          items.push_back({b, g, head, std::min(slab, group - head), c * kChunkTokens,
+          items.push_back({b, g, head, std::min(slab, heads - head), c * kChunkTokens,
                            std::min(length, (c + 1) * kChunkTokens)});
         }
       }

@@ -26,4 +26,45 @@ inline uint16_t bf16_round_bits(float value) {
   return value != value ? kQuietNanBitsBf16 : static_cast<uint16_t>(rounded);
 }
 
+// 16 floats as one vector (GCC's vector extension: one zmm register under AVX-512, two ymm
+// under AVX2, pieces in the baseline), for loops the auto-vectorizer would not write well:
+// several independent accumulators, a horizontal sum per dot product, bf16 widened on load.
+// The helpers are always inlined, so each HELIX_CPU_CLONES caller gets its own ISA's code.
+#if defined(__GNUC__)
+// (The always-inlined helpers never pass these types across a call: GCC's ABI note does not apply.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float F32x16 __attribute__((vector_size(64)));
+typedef float F32x8 __attribute__((vector_size(32)));
+typedef float F32x4 __attribute__((vector_size(16)));
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+#define HELIX_VECTOR_INLINE inline __attribute__((always_inline))
+
+HELIX_VECTOR_INLINE F32x16 load_f32x16(const float* source) {
+  F32x16 v;
+  std::memcpy(&v, source, sizeof(v));
+  return v;
+}
+
+// 16 bf16 values (their bits) widened to float: exact.
+HELIX_VECTOR_INLINE F32x16 load_f32x16_from_bf16(const uint16_t* source) {
+  U16x16 bits;
+  std::memcpy(&bits, source, sizeof(bits));
+  const U32x16 wide = __builtin_convertvector(bits, U32x16) << 16;
+  F32x16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+HELIX_VECTOR_INLINE void store_f32x16(float* destination, F32x16 v) { std::memcpy(destination, &v, sizeof(v)); }
+
+// Sum of the 16 lanes, as a tree: (lane i + lane i+8), then +4, +2, +1.
+HELIX_VECTOR_INLINE float horizontal_sum(F32x16 v) {
+  const F32x8 eight = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const F32x4 four = __builtin_shufflevector(eight, eight, 0, 1, 2, 3) + __builtin_shufflevector(eight, eight, 4, 5, 6, 7);
+  return (four[0] + four[2]) + (four[1] + four[3]);
+}
+#endif
+
 }  // namespace helix
