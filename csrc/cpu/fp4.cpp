@@ -159,20 +159,51 @@ inline uint32_t e2m1_bf16_bits(uint32_t code) {
 template <int PAIRS>
 HELIX_CPU_CLONES void dequantize_row_pairs(const uint8_t* __restrict w_row, const float* __restrict multipliers,
                                           int64_t blocks, uint32_t* __restrict out) {
+  static_assert(PAIRS == 8 || PAIRS == 16, "blocks are 16 or 32 codes");
+  if constexpr (PAIRS == 8) {  // NVFP4: GCC vectorizes the scalar loop well (CF1 6.3-6.6 ms)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float multiplier = multipliers[b];
+      for (int j = 0; j < PAIRS; ++j) {
+        const uint32_t byte = w_row[b * PAIRS + j];
+        const uint32_t low_code = e2m1_bf16_bits(byte & 0xFu) << 16, high_code = e2m1_bf16_bits(byte >> 4) << 16;
+        float low, high;
+        std::memcpy(&low, &low_code, sizeof(low));
+        std::memcpy(&high, &high_code, sizeof(high));
+        low *= multiplier;
+        high *= multiplier;
+        uint32_t low_bits, high_bits;
+        std::memcpy(&low_bits, &low, sizeof(low_bits));
+        std::memcpy(&high_bits, &high, sizeof(high_bits));
+        out[b * PAIRS + j] = (low_bits >> 16) | (high_bits & 0xFFFF0000u);
+      }
+    }
+    return;
+  }
+  // MXFP4: the same loop came out in 2-wide pieces (CF1 20 ms); written on 8-lane vectors
+  // (simd.h's vector extension) it runs 7.6-8.5 ms (2026-12-07). (The same code for NVFP4's
+  // 8-byte blocks measured slower than GCC's own loop: 8.6-9.7 ms.)
+  const auto bf16_bits = [](U32x8 code) {  // e2m1_bf16_bits on 8 lanes
+    const U32x8 magnitude = code & 7u;
+    const U32x8 bits = magnitude < 2u ? magnitude * 0x3F00u : (magnitude << 6) + 0x3F00u;
+    return bits | ((code & 8u) << 12);
+  };
   for (int64_t b = 0; b < blocks; ++b) {
     const float multiplier = multipliers[b];
-    for (int j = 0; j < PAIRS; ++j) {
-      const uint32_t byte = w_row[b * PAIRS + j];
-      const uint32_t low_code = e2m1_bf16_bits(byte & 0xFu) << 16, high_code = e2m1_bf16_bits(byte >> 4) << 16;
-      float low, high;
+    for (int half = 0; half < PAIRS / 8; ++half) {
+      U8x8 raw;
+      std::memcpy(&raw, w_row + b * PAIRS + half * 8, sizeof(raw));
+      const U32x8 bytes = __builtin_convertvector(raw, U32x8);
+      F32x8 low, high;
+      const U32x8 low_code = bf16_bits(bytes & 0xFu) << 16, high_code = bf16_bits(bytes >> 4) << 16;
       std::memcpy(&low, &low_code, sizeof(low));
       std::memcpy(&high, &high_code, sizeof(high));
       low *= multiplier;
       high *= multiplier;
-      uint32_t low_bits, high_bits;
+      U32x8 low_bits, high_bits;
       std::memcpy(&low_bits, &low, sizeof(low_bits));
       std::memcpy(&high_bits, &high, sizeof(high_bits));
-      out[b * PAIRS + j] = (low_bits >> 16) | (high_bits & 0xFFFF0000u);
+      const U32x8 pairs = (low_bits >> 16) | (high_bits & 0xFFFF0000u);
+      std::memcpy(out + b * PAIRS + half * 8, &pairs, sizeof(pairs));
     }
   }
 }

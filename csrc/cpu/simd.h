@@ -26,7 +26,7 @@ inline uint16_t bf16_round_bits(float value) {
   return value != value ? kQuietNanBitsBf16 : static_cast<uint16_t>(rounded);
 }
 
-// 16 floats as one vector (GCC's vector extension: one zmm register under AVX-512, two ymm
+// 16 (or 8) floats as one vector (GCC's vector extension: one zmm register under AVX-512, two ymm
 // under AVX2, pieces in the baseline), for loops the auto-vectorizer would not write well:
 // several independent accumulators, a horizontal sum per dot product, bf16 widened on load.
 // The helpers are always inlined, so each HELIX_CPU_CLONES caller gets its own ISA's code.
@@ -38,6 +38,8 @@ typedef float F32x8 __attribute__((vector_size(32)));
 typedef float F32x4 __attribute__((vector_size(16)));
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+typedef uint8_t U8x8 __attribute__((vector_size(8)));
 #define HELIX_VECTOR_INLINE inline __attribute__((always_inline))
 
 HELIX_VECTOR_INLINE F32x16 load_f32x16(const float* source) {
