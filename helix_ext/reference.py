@@ -64,10 +64,17 @@ def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -
 def flash_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                            head_dim_v: int = -1, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None, *, compute_dtype: torch.dtype = torch.float64,
+                           v_scale: torch.Tensor | None = None, query_key_lens: torch.Tensor | None = None, *,
+                           compute_dtype: torch.dtype = torch.float64,
                            probability_dtype: torch.dtype | None = None,
                            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of ``helix.flash_decode``: ``(out [B, Hq, Dv], lse [B, Hq])``.
+    """Reference of ``helix.flash_decode``: ``(out [B, Hq, Dv], lse [B, Hq])``, or with several
+    query tokens per sequence (q ``[B, Q, Hq, Dk]``) ``(out [B, Q, Hq, Dv], lse [B, Q, Hq])``.
+
+    Query i of sequence b attends to the first ``query_key_lens[b, i]`` of the shard's keys
+    (``[B, Q]``; with a 3-D q, ``[B, 1]``); the default is causal over the last Q keys,
+    ``max(0, seq_lens[b] - Q + 1 + i)``. Each query token is the single-token attention over
+    that many keys: what follows describes one.
 
     Decode attention of each sequence's single query token over its ``seq_lens[b]`` cached
     tokens (paged through ``block_table``), query head h reading KV head ``h // (Hq // Hkv)``.
@@ -79,6 +86,18 @@ def flash_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     weight V (what a tensor-core kernel does); ``out`` comes back in ``out_dtype`` (default
     q's dtype), ``lse`` in float32 unless ``out_dtype == compute_dtype``.
     """
+    if q.dim() == 4 or query_key_lens is not None:
+        queries = q if q.dim() == 4 else q.unsqueeze(1)
+        num_queries = queries.shape[1]
+        if query_key_lens is None:
+            offsets = torch.arange(num_queries, device=seq_lens.device) - num_queries + 1
+            query_key_lens = (seq_lens.to(torch.int64)[:, None] + offsets[None, :]).clamp(min=0)
+        parts = [flash_decode_reference(queries[:, i], k_cache, v_cache, block_table, query_key_lens[:, i],
+                                        softmax_scale, head_dim_v, k_scale, v_scale, compute_dtype=compute_dtype,
+                                        probability_dtype=probability_dtype, out_dtype=out_dtype)
+                 for i in range(num_queries)]
+        out, lse = torch.stack([p[0] for p in parts], 1), torch.stack([p[1] for p in parts], 1)
+        return (out, lse) if q.dim() == 4 else (out[:, 0], lse[:, 0])
     batch, num_q_heads, head_dim_k = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads

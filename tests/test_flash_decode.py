@@ -473,3 +473,59 @@ def test_cuda_rejects_what_its_kernel_cannot_run():
     case.k_cache = wide[..., 1:]
     with pytest.raises(RuntimeError, match=r"reads k_cache in 16-byte rows"):
         case.run()
+
+
+def _masked_dense_attention(case, visible):
+    """Several query tokens per sequence written out densely, independently of the reference's
+    per-query recursion: every key of the sequence scored, keys at or past visible[b, i] masked
+    with -inf, float64 throughout."""
+    q = case.q.double()  # [B, Q, Hq, Dk]
+    batch, num_queries, num_q_heads, _ = q.shape
+    block_size, num_kv_heads = case.k_cache.shape[1], case.k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros(batch, num_queries, num_q_heads, case.v_cache.shape[3], dtype=torch.float64)
+    lse = torch.full((batch, num_queries, num_q_heads), NEG_INF, dtype=torch.float64)
+    for b in range(batch):
+        length = int(case.seq_lens[b])
+        if length == 0:
+            continue
+        blocks = case.block_table[b, :math.ceil(length / block_size)].long()
+        keys = case.k_cache[blocks].double().flatten(0, 1)[:length].repeat_interleave(group, dim=1)
+        values = case.v_cache[blocks].double().flatten(0, 1)[:length].repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,lhd->qhl", q[b], keys) * case.softmax_scale  # [Q, Hq, L]
+        position = torch.arange(length)
+        mask = position[None, :] >= visible[b][:, None]  # [Q, L]
+        scores = scores.masked_fill(mask[:, None, :], NEG_INF)
+        seen = visible[b] > 0
+        lse[b, seen] = torch.logsumexp(scores[seen], dim=-1)
+        out[b, seen] = torch.einsum("qhl,lhd->qhd", torch.softmax(scores[seen], dim=-1), values)
+    return out, lse
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["causal_default", "query_key_lens"])
+def test_reference_with_several_query_tokens(explicit):
+    # The reference's semantics for Q > 1 (issue 18), checked against a dense masked
+    # computation: the default is causal over the shard's last Q keys (clamped at 0), an
+    # explicit query_key_lens may give any non-decreasing counts, a query that sees nothing
+    # gives 0 and -inf, and Q = 1 is today's 3-D result.
+    num_queries = 3
+    case = Case([0, 2, 17, 40], num_q_heads=4, num_kv_heads=2, head_dim_k=32, q_dtype=torch.float32)
+    case.q = torch.randn(4, num_queries, 4, 32)
+    lengths = case.seq_lens.long()
+    if explicit:
+        visible = torch.tensor([[0, 0, 0], [0, 1, 2], [5, 5, 17], [38, 39, 40]])
+        kwargs = {"query_key_lens": visible.to(torch.int32)}
+    else:
+        visible = (lengths[:, None] + torch.arange(num_queries)[None, :] - num_queries + 1).clamp(min=0)
+        kwargs = {}
+    out, lse = flash_decode_reference(case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens,
+                                      case.softmax_scale, **kwargs)
+    assert out.shape == (4, num_queries, 4, 32) and lse.shape == (4, num_queries, 4)
+    expected_out, expected_lse = _masked_dense_attention(case, visible)
+    torch.testing.assert_close(out.double(), expected_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-6, atol=1e-6)
+    assert torch.all(lse[visible == 0] == NEG_INF) and torch.all(out[visible == 0] == 0)
+    single_out, single_lse = flash_decode_reference(case.q[:, -1], case.k_cache, case.v_cache, case.block_table,
+                                                    visible[:, -1].to(torch.int32), case.softmax_scale)
+    torch.testing.assert_close(out[:, -1], single_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse[:, -1], single_lse, rtol=0, atol=0)
