@@ -202,35 +202,24 @@ inline void prefetch_bytes(const void* start, int64_t bytes) {
   for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(static_cast<const char*>(start) + byte);
 }
 
-// 16 elements of a row from `d` on, as floats (`row` is float, or bf16 bits).
+// 16 elements of a row from `d` on, as floats (`row` is float or bf16; the scalar tails use widen).
 template <typename RT>
 HELIX_VECTOR_INLINE F32x16 load_row16(const RT* row, int64_t d) {
   if constexpr (std::is_same_v<RT, float>) {
     return load_f32x16(row + d);
   } else {
-    return load_f32x16_from_bf16(row + d);
+    return load_f32x16_from_bf16(reinterpret_cast<const uint16_t*>(row) + d);
   }
 }
 
-template <typename RT>
-inline float load_scalar(const RT* row, int64_t d) {
-  if constexpr (std::is_same_v<RT, float>) {
-    return row[d];
-  } else {
-    return widen(reinterpret_cast<const BFloat16*>(row), d);
-  }
-}
-
-// The row a vector loop reads: bf16 bits and fp32 in place, other types widened into `widened`.
+// The row a vector loop reads: bf16 and fp32 in place, other types widened into `widened`.
 template <typename KVT>
-using VectorRow = std::conditional_t<std::is_same_v<KVT, BFloat16>, uint16_t, float>;
+using VectorRow = std::conditional_t<std::is_same_v<KVT, BFloat16>, BFloat16, float>;
 
 template <typename KVT>
 inline const VectorRow<KVT>* vector_row(const KVT* row, int64_t dim, float* widened) {
-  if constexpr (std::is_same_v<KVT, float>) {
+  if constexpr (std::is_same_v<KVT, float> || std::is_same_v<KVT, BFloat16>) {
     return row;
-  } else if constexpr (std::is_same_v<KVT, BFloat16>) {
-    return reinterpret_cast<const uint16_t*>(row);
   } else {
     for (int64_t d = 0; d < dim; ++d) widened[d] = widen(row, d);
     return widened;
@@ -252,7 +241,7 @@ HELIX_VECTOR_INLINE float dot_row(const float* __restrict query, const RT* __res
     d += kLanes;
   }
   float sum = horizontal_sum(even + odd);
-  for (; d < dim; ++d) sum += query[d] * load_scalar(key, d);
+  for (; d < dim; ++d) sum += query[d] * widen(key, d);
   return sum;
 }
 
@@ -286,7 +275,7 @@ HELIX_CPU_CLONES void tile_values_vector(const KVT* const* rows, int64_t count, 
         float* out = acc + h * dim;
         int64_t d = 0;
         for (; d + kLanes <= dim; d += kLanes) store_f32x16(out + d, load_f32x16(out + d) + weight * load_row16(value, d));
-        for (; d < dim; ++d) out[d] += weight * load_scalar(value, d);
+        for (; d < dim; ++d) out[d] += weight * widen(value, d);
       }
     }
   }
@@ -336,6 +325,14 @@ class FlashDecodeCpu {
                    (shape.num_kv_heads == 1 || key_.stride_head == shape.head_dim_k);
   }
 
+  // KV heads a work item reads (vector items span several; GEMM items one).
+  int64_t item_kv_heads(const WorkItem& item) const { return (item.heads - 1) / group_size_ + 1; }
+
+  // Bytes of each cache row the item reads: from its first KV head to the end of its last.
+  int64_t row_span_bytes(const WorkItem& item, int64_t head_stride, int64_t dim) const {
+    return ((item_kv_heads(item) - 1) * head_stride + dim) * static_cast<int64_t>(sizeof(KVT));
+  }
+
   // Columns of the packed Q^T (and of the score tile) for a slab of `heads` query heads.
   int64_t padded_heads(int64_t heads) const { return kVnni ? (heads + 15) / 16 * 16 : heads; }
 
@@ -347,7 +344,7 @@ class FlashDecodeCpu {
     // row (a KV head of several, or padded rows): its rows are then apart, a pattern the
     // hardware prefetchers follow badly. Measured (2-core Xeon, 2026-12-07): +15-20% at Hkv = 8,
     // -5-10% on rows read whole. (The vector engine prefetches as it reads.)
-    const bool prefetch = !packed_rows_ || (heads - 1) / group_size_ + 1 < shape_.num_kv_heads;
+    const bool prefetch = !packed_rows_ || item_kv_heads(item) < shape_.num_kv_heads;
     // Q^T [Dk, width] (padding columns zero): row-major for fp32 GEMMs, VNNI pairs of rows for
     // bf16 ones; the vector engine keeps Q [heads, Dk].
     s.queries.assign(dim_k * width, CT(0.0f));
@@ -464,20 +461,19 @@ class FlashDecodeCpu {
     // prefetches measured slower: the misses queue up).
     const int64_t ahead_first = first + kTile;
     const int64_t ahead_count = std::max<int64_t>(0, std::min(kTile, item.token_end - ahead_first));
-    const int64_t kv_heads = (heads - 1) / group_size_ + 1;
     s.values.resize(std::max(dim_k, dim_v));
     tile_row_pointers(key_, item, first, count, rows);
     if (ahead_count > 0) tile_row_pointers(key_, item, ahead_first, ahead_count, ahead);
     tile_scores_vector<KVT>(rows, count, s.queries.data(), heads, group_size_, key_.stride_head, dim_k,
                             s.values.data(), s.scores.data(), ahead, ahead_count,
-                            ((kv_heads - 1) * key_.stride_head + dim_k) * static_cast<int64_t>(sizeof(KVT)));
+                            row_span_bytes(item, key_.stride_head, dim_k));
     softmax_tile(s, heads, heads, count, kTile);
     if (!shape_.mla) tile_row_pointers(value_, item, first, count, rows);
     if (ahead_count > 0 && !shape_.mla) tile_row_pointers(value_, item, ahead_first, ahead_count, ahead);
     const int64_t value_head_stride = shape_.mla ? key_.stride_head : value_.stride_head;
     tile_values_vector<KVT>(rows, count, s.probabilities.data(), kTile, heads, group_size_, value_head_stride, dim_v,
                             s.values.data(), s.accumulator.data(), ahead, shape_.mla ? 0 : ahead_count,
-                            ((kv_heads - 1) * value_head_stride + dim_v) * static_cast<int64_t>(sizeof(KVT)));
+                            row_span_bytes(item, value_head_stride, dim_v));
   }
 
   // Asks for `dim` elements of the rows of the tile at `first` ahead of their use: a KV head's
@@ -488,8 +484,7 @@ class FlashDecodeCpu {
     if (count <= 0) return;
     const KVT* rows[kTile];
     tile_row_pointers(cache, item, first, count, rows);
-    const int64_t span = (item.heads - 1) / group_size_ * cache.stride_head + dim;  // the item's KV heads
-    const int64_t bytes = span * static_cast<int64_t>(sizeof(KVT));
+    const int64_t bytes = row_span_bytes(item, cache.stride_head, dim);
     for (int64_t t = 0; t < count; ++t) prefetch_bytes(rows[t], bytes);
   }
 

@@ -146,64 +146,53 @@ constexpr int64_t kWeightRows = 32;
 constexpr int64_t kTokenSlab = 64;  // tokens per brgemm (a packed B is at most 64 wide)
 
 // bf16 bits of an E2M1 code (the value e2m1_to_float gives): 0, 0.5, then 1.0-6.0 as
-// exponent/mantissa fields shifted into place.
-inline uint32_t e2m1_bf16_bits(uint32_t code) {
-  const uint32_t magnitude = code & 7u;
-  const uint32_t bits = magnitude < 2 ? magnitude * 0x3F00u : (magnitude << 6) + 0x3F00u;
+// exponent/mantissa fields shifted into place. U is uint32_t or a vector of them (simd.h).
+template <typename U>
+HELIX_VECTOR_INLINE U e2m1_bf16_bits(U code) {
+  const U magnitude = code & 7u;
+  const U bits = magnitude < 2u ? magnitude * 0x3F00u : (magnitude << 6) + 0x3F00u;
   return bits | ((code & 8u) << 12);
 }
 
-// One weight row as bf16 pairs (low nibble in the low half): code x block multiplier in fp32,
-// whose top 16 bits are the exact bf16 (NaN and inf included). PAIRS: bytes per block (8
-// NVFP4, 16 MXFP4).
+// A byte of two codes as a bf16 pair (low nibble in the low half): code x multiplier in fp32,
+// whose top 16 bits are the exact bf16 (NaN and inf included). U/F: uint32_t/float, or vectors
+// of them, one byte per lane.
+template <typename U, typename F>
+HELIX_VECTOR_INLINE U e2m1_bf16_pair(U byte, float multiplier) {
+  const U low_code = e2m1_bf16_bits<U>(byte & 0xFu) << 16, high_code = e2m1_bf16_bits<U>(byte >> 4) << 16;
+  F low, high;
+  std::memcpy(&low, &low_code, sizeof(low));
+  std::memcpy(&high, &high_code, sizeof(high));
+  low *= multiplier;
+  high *= multiplier;
+  U low_bits, high_bits;
+  std::memcpy(&low_bits, &low, sizeof(low_bits));
+  std::memcpy(&high_bits, &high, sizeof(high_bits));
+  return (low_bits >> 16) | (high_bits & 0xFFFF0000u);
+}
+
+// One weight row as bf16 pairs. PAIRS: bytes per block (8 NVFP4, 16 MXFP4).
 template <int PAIRS>
 HELIX_CPU_CLONES void dequantize_row_pairs(const uint8_t* __restrict w_row, const float* __restrict multipliers,
                                           int64_t blocks, uint32_t* __restrict out) {
   static_assert(PAIRS == 8 || PAIRS == 16, "blocks are 16 or 32 codes");
-  if constexpr (PAIRS == 8) {  // NVFP4: GCC vectorizes the scalar loop well (CF1 6.3-6.6 ms)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float multiplier = multipliers[b];
-      for (int j = 0; j < PAIRS; ++j) {
-        const uint32_t byte = w_row[b * PAIRS + j];
-        const uint32_t low_code = e2m1_bf16_bits(byte & 0xFu) << 16, high_code = e2m1_bf16_bits(byte >> 4) << 16;
-        float low, high;
-        std::memcpy(&low, &low_code, sizeof(low));
-        std::memcpy(&high, &high_code, sizeof(high));
-        low *= multiplier;
-        high *= multiplier;
-        uint32_t low_bits, high_bits;
-        std::memcpy(&low_bits, &low, sizeof(low_bits));
-        std::memcpy(&high_bits, &high, sizeof(high_bits));
-        out[b * PAIRS + j] = (low_bits >> 16) | (high_bits & 0xFFFF0000u);
-      }
-    }
-    return;
-  }
-  // MXFP4: the same loop came out in 2-wide pieces (CF1 20 ms); written on 8-lane vectors
-  // (simd.h's vector extension) it runs 7.6-8.5 ms (2026-12-07). (The same code for NVFP4's
-  // 8-byte blocks measured slower than GCC's own loop: 8.6-9.7 ms.)
-  const auto bf16_bits = [](U32x8 code) {  // e2m1_bf16_bits on 8 lanes
-    const U32x8 magnitude = code & 7u;
-    const U32x8 bits = magnitude < 2u ? magnitude * 0x3F00u : (magnitude << 6) + 0x3F00u;
-    return bits | ((code & 8u) << 12);
-  };
   for (int64_t b = 0; b < blocks; ++b) {
     const float multiplier = multipliers[b];
-    for (int half = 0; half < PAIRS / 8; ++half) {
-      U8x8 raw;
-      std::memcpy(&raw, w_row + b * PAIRS + half * 8, sizeof(raw));
-      const U32x8 bytes = __builtin_convertvector(raw, U32x8);
-      F32x8 low, high;
-      const U32x8 low_code = bf16_bits(bytes & 0xFu) << 16, high_code = bf16_bits(bytes >> 4) << 16;
-      std::memcpy(&low, &low_code, sizeof(low));
-      std::memcpy(&high, &high_code, sizeof(high));
-      low *= multiplier;
-      high *= multiplier;
-      U32x8 low_bits, high_bits;
-      std::memcpy(&low_bits, &low, sizeof(low_bits));
-      std::memcpy(&high_bits, &high, sizeof(high_bits));
-      const U32x8 pairs = (low_bits >> 16) | (high_bits & 0xFFFF0000u);
-      std::memcpy(out + b * PAIRS + half * 8, &pairs, sizeof(pairs));
+    if constexpr (PAIRS == 8) {
+      // NVFP4: GCC vectorizes this scalar loop well (CF1 6.3-6.6 ms; the 8-lane code below
+      // measured 8.6-9.7 ms on these 8-byte blocks).
+      for (int j = 0; j < PAIRS; ++j) {
+        out[b * PAIRS + j] = e2m1_bf16_pair<uint32_t, float>(w_row[b * PAIRS + j], multiplier);
+      }
+    } else {
+      // MXFP4: the scalar loop came out in 2-wide pieces (CF1 20 ms); on 8-lane vectors
+      // (simd.h's vector extension) 7.6-8.5 ms (2026-12-07).
+      for (int half = 0; half < PAIRS / 8; ++half) {
+        U8x8 raw;
+        std::memcpy(&raw, w_row + b * PAIRS + half * 8, sizeof(raw));
+        const U32x8 pairs = e2m1_bf16_pair<U32x8, F32x8>(__builtin_convertvector(raw, U32x8), multiplier);
+        std::memcpy(out + b * PAIRS + half * 8, &pairs, sizeof(pairs));
+      }
     }
   }
 }
