@@ -381,41 +381,57 @@ class FlashDecodeCpu {
         const int64_t tiles = (span_count + kTile - 1) / kTile;
         for (int64_t i = 0; i < tiles; ++i) {
           const int64_t first = span + i * kTile, count = std::min(kTile, span + span_count - first);
-          if (prefetch) prefetch_rows(key_, dim_k, item, first + 2 * kTile);
+          if (!kVnni && prefetch) prefetch_rows(key_, dim_k, item, first + 2 * kTile);
           int64_t key_stride = 0;
           const CT* keys = tile_rows(key_, dim_k, item, first, count, s.keys, &key_stride);
           at::native::cpublas::brgemm(kTile, width, dim_k, key_stride, width, width, false, keys, queries,
                                       s.scores.data() + i * kTile * width, kVnni);
         }
         softmax_tile(s, heads, width, span_count, kSpan);
-        for (int64_t i = 0; i < tiles; ++i) {
-          const int64_t first = span + i * kTile, count = std::min(kTile, span + span_count - first);
-          const CacheView& cache = shape_.mla ? key_ : value_;  // MLA: V is the first Dv dims of the K rows
-          if (prefetch) prefetch_rows(cache, dim_v, item, first + 2 * kTile);
-          const CT* probabilities = s.probabilities.data() + i * kTile;
-          if constexpr (kVnni) {
-            // V packed straight from the cache rows (converted from fp8 on the way; zero pairs
-            // past the sequence), so it is never staged.
+        const CacheView& cache = shape_.mla ? key_ : value_;  // MLA: V is the first Dv dims of the K rows
+        if constexpr (kVnni) {
+          // V of the whole span packed straight from the cache rows (converted from fp8 on the
+          // way; zero pairs past the sequence), so it is never staged; then one P x V product
+          // for the span (one micro-kernel call instead of one per tile).
+          s.values_packed.resize(kSpan * dim_v);
+          uint32_t* packed = reinterpret_cast<uint32_t*>(s.values_packed.data());
+          const int64_t value_bytes = row_span_bytes(item, cache.stride_head, dim_v);
+          const int64_t key_bytes = row_span_bytes(item, key_.stride_head, dim_k);
+          for (int64_t i = 0; i < tiles; ++i) {
+            const int64_t first = span + i * kTile, count = std::min(kTile, span + span_count - first);
             const KVT* rows[kTile];
             tile_row_pointers(cache, item, first, count, rows);
-            s.values_packed.resize(kTile * dim_v);
-            uint32_t* packed = reinterpret_cast<uint32_t*>(s.values_packed.data());
+            // Interleaved with the packing: the next tile's V rows and the next span's K rows.
+            const KVT* values_ahead[kTile];
+            const KVT* keys_ahead[kTile];
+            const int64_t values_count = std::max<int64_t>(0, std::min(kTile, item.token_end - first - kTile));
+            const int64_t keys_count = std::max<int64_t>(0, std::min(kTile, item.token_end - first - kSpan));
+            if (values_count > 0) tile_row_pointers(cache, item, first + kTile, values_count, values_ahead);
+            if (keys_count > 0) tile_row_pointers(key_, item, first + kSpan, keys_count, keys_ahead);
             for (int64_t pair = 0; pair < kTile / 2; ++pair) {
-              uint32_t* out = packed + pair * dim_v;
+              for (int64_t r = 2 * pair; r < 2 * pair + 2; ++r) {
+                if (r < values_count) prefetch_bytes(values_ahead[r], value_bytes);
+                if (r < keys_count) prefetch_bytes(keys_ahead[r], key_bytes);
+              }
+              uint32_t* out = packed + (i * kTile / 2 + pair) * dim_v;
               if (2 * pair >= count) {
                 std::fill(out, out + dim_v, 0u);
                 continue;
               }
               interleave_rows<KVT>(rows[2 * pair], 2 * pair + 1 < count ? rows[2 * pair + 1] : nullptr, dim_v, out);
             }
-            at::native::cpublas::brgemm(heads, dim_v, kTile, kSpan, dim_v, dim_v, true, probabilities,
-                                        s.values_packed.data(), s.accumulator.data(), true);
-          } else {
+          }
+          at::native::cpublas::brgemm(heads, dim_v, tiles * kTile, kSpan, dim_v, dim_v, true, s.probabilities.data(),
+                                      s.values_packed.data(), s.accumulator.data(), true);
+        } else {
+          for (int64_t i = 0; i < tiles; ++i) {
+            const int64_t first = span + i * kTile, count = std::min(kTile, span + span_count - first);
+            if (prefetch) prefetch_rows(cache, dim_v, item, first + 2 * kTile);
             int64_t value_stride = 0;
             const CT* values = tile_rows(cache, shape_.mla ? dim_k : dim_v, item, first, count, s.values,
                                          &value_stride);
-            at::native::cpublas::brgemm(heads, dim_v, kTile, kSpan, value_stride, dim_v, true, probabilities, values,
-                                        s.accumulator.data(), false);
+            at::native::cpublas::brgemm(heads, dim_v, kTile, kSpan, value_stride, dim_v, true,
+                                        s.probabilities.data() + i * kTile, values, s.accumulator.data(), false);
           }
         }
       }
