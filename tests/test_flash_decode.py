@@ -135,6 +135,16 @@ def test_cpu_vector_items_span_kv_heads(threads, q_dtype, kv_dtype, group, num_k
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dpbf16", ["1", "0"], ids=["dpbf16", "fp32_loops"])
+@pytest.mark.parametrize("group, head_dim", [(1, 128), (2, 64), (4, 256), (3, 72)])
+def test_cpu_bf16_vector_engine_both_product_paths(monkeypatch, dpbf16, group, head_dim):
+    # bf16 q and K/V in the vector engine: vdpbf16ps where the CPU has AVX512-BF16 (its P x V
+    # for Dv a multiple of 32; 72 takes the fp32 loops for P x V), and the fp32 loops
+    # (HELIX_CPU_DPBF16=0, or a CPU without it): both against the reference.
+    monkeypatch.setenv("HELIX_CPU_DPBF16", dpbf16)
+    Case([0, 1, 63, 64, 65, 700], num_q_heads=2 * group, num_kv_heads=2, head_dim_k=head_dim, block_size=32).check()
+
+
 @pytest.mark.gpu
 def test_float32_is_rejected_on_cuda():
     with pytest.raises(RuntimeError, match=r"float32 runs on the CPU only"):
