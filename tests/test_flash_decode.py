@@ -135,6 +135,29 @@ def test_cpu_vector_items_span_kv_heads(threads, q_dtype, kv_dtype, group, num_k
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("device", DEVICES_AND_SIMT)
+@pytest.mark.parametrize("group, head_dim", [(16, 128), (1, 128), (8, 72)])
+@pytest.mark.parametrize("codes", ["finite", "small"])
+def test_fp8_cache_holding_every_code(device, group, head_dim, codes):
+    # Every finite E4M3 code (+-0 to +-448) in K and in V, or only the subnormal and smallest
+    # normal ones (magnitudes up to 2^-5, so that an error in one of them is not lost beside
+    # values of hundreds): the CPU converts rows 32 codes at a time in 16-bit lanes (normal codes
+    # by shifts, subnormals from a table) with scalar tails (72 = 2 * 32 + 8); the AMX engine
+    # (group 16) and the vector one (groups 1, 8). The CUDA kernel's head dims are 64, 128, 256.
+    head_dim = 64 if head_dim == 72 and device != "cpu" else head_dim
+    case = Case([0, 5, 300, 700], num_q_heads=2 * group, num_kv_heads=2, head_dim_k=head_dim, block_size=64,
+                kv_dtype=FP8, device=device)
+    magnitude_end = 0x7F if codes == "finite" else 0x10
+    chosen = torch.tensor([c for c in range(256) if c & 0x7F < magnitude_end], dtype=torch.uint8)
+    for name in ("k_cache", "v_cache"):
+        cache = getattr(case, name)
+        picks = chosen[torch.randint(len(chosen), (cache.numel(),))]
+        picks[: len(chosen)] = chosen  # each code at least once, in the first rows
+        setattr(case, name, picks.view(FP8).view(cache.shape).to(cache.device))
+    case.q = case.q / 64 if codes == "finite" else case.q * 64  # scores of a few units either way
+    case.check()
+
+
 @pytest.mark.parametrize("dpbf16", ["1", "0"], ids=["dpbf16", "fp32_loops"])
 @pytest.mark.parametrize("group, head_dim", [(1, 128), (2, 64), (4, 256), (3, 72)])
 def test_cpu_bf16_vector_engine_both_product_paths(monkeypatch, dpbf16, group, head_dim):
