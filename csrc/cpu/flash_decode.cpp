@@ -58,6 +58,17 @@ constexpr int64_t kVectorMaxItemHeads = 16;
 
 using c10::BFloat16;
 
+// 2^f for |f| <= 1/2 by its Taylor series to degree 7 (relative error < 1e-8), on a float or
+// a vector of them.
+template <typename F>
+HELIX_VECTOR_INLINE F exp2_fraction(F f) {
+  // ln2^k / k!, k = 7 down to 1.
+  constexpr float c7 = 1.5252733804059841e-05f, c6 = 1.5403530393381606e-04f, c5 = 1.3333558146428443e-03f,
+                  c4 = 9.6181291076284772e-03f, c3 = 5.5504108664821580e-02f, c2 = 2.4022650695910071e-01f,
+                  c1 = 6.9314718055994531e-01f;
+  return 1.0f + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * c7))))));
+}
+
 // 2^x for x <= 0 (the probabilities of an online softmax), branch-free so the loops that
 // call it vectorize: x = n + f with n = round(x), |f| <= 1/2, 2^f by its Taylor series to
 // degree 7 (relative error < 1e-8 before rounding), 2^n built in the exponent bits. x below
@@ -72,13 +83,25 @@ inline float exp2_nonpositive(float x) {
   const uint32_t exponent_bits = (shifted_bits - 0x4B400000u + 127u) << 23;  // n + 127 in the exponent
   float two_to_n;
   std::memcpy(&two_to_n, &exponent_bits, sizeof(two_to_n));
-  // ln2^k / k!, k = 7 down to 1.
-  constexpr float c7 = 1.5252733804059841e-05f, c6 = 1.5403530393381606e-04f, c5 = 1.3333558146428443e-03f,
-                  c4 = 9.6181291076284772e-03f, c3 = 5.5504108664821580e-02f, c2 = 2.4022650695910071e-01f,
-                  c1 = 6.9314718055994531e-01f;
-  const float p = 1.0f + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * c7))))));
-  return p * two_to_n;
+  return exp2_fraction(f) * two_to_n;
 }
+
+#if defined(__GNUC__)
+// exp2_nonpositive on 16 lanes (the same steps).
+HELIX_VECTOR_INLINE F32x16 exp2_nonpositive(F32x16 x) {
+  const F32x16 floor = F32x16{} - 127.0f;
+  x = x < floor ? floor : x;
+  constexpr float kRound = 12582912.0f;
+  const F32x16 shifted = x + kRound;
+  const F32x16 f = x - (shifted - kRound);
+  U32x16 shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  const U32x16 exponent_bits = (shifted_bits - 0x4B400000u + 127u) << 23;
+  F32x16 two_to_n;
+  std::memcpy(&two_to_n, &exponent_bits, sizeof(two_to_n));
+  return exp2_fraction(f) * two_to_n;
+}
+#endif
 
 // Scales the tile's first `count` rows of S[t, h] into the log2 domain in place and returns
 // each head's largest score. Scaling once, before both the max and the exponent, keeps
@@ -123,6 +146,59 @@ HELIX_CPU_CLONES void round_probabilities(const float* __restrict probabilities,
     for (int64_t t = 0; t < count; ++t) row[t] = static_cast<float>(static_cast<QT>(probabilities[t * width + head]));
   }
 }
+
+#if defined(__GNUC__)
+// 16 rows of 16 bf16 lanes transposed in registers: four perfect shuffles (row i with row i + 8,
+// lanes interleaved) rotate each element's 8-bit (row, lane) index by one bit; four of them
+// swap row and lane.
+HELIX_VECTOR_INLINE void transpose_16x16(U16x16* rows) {
+  for (int stage = 0; stage < 4; ++stage) {
+    U16x16 next[16];
+    for (int i = 0; i < 8; ++i) {
+      next[2 * i] = __builtin_shufflevector(rows[i], rows[i + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
+                                            23);
+      next[2 * i + 1] = __builtin_shufflevector(rows[i], rows[i + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29,
+                                                14, 30, 15, 31);
+    }
+    for (int i = 0; i < 16; ++i) rows[i] = next[i];
+  }
+}
+
+// exponentiate_tile and round_probabilities in one pass for bf16 probabilities and a score tile
+// whose width is a multiple of 16: 16 tokens x 16 heads at a time, exponentiated on 16 lanes,
+// rounded to bf16, transposed in registers and stored to P [heads, stride] (tokens from `count`
+// on up to a multiple of 16 as zeros; the caller zeroes the rest of each row).
+HELIX_CPU_CLONES void exponentiate_and_round_bf16(const float* __restrict scores, int64_t width, int64_t heads,
+                                                  int64_t count, const float* __restrict offset,
+                                                  float* __restrict tile_sum, uint16_t* __restrict probabilities,
+                                                  int64_t stride) {
+  for (int64_t column = 0; column < width; column += 16) {
+    F32x16 head_offset = {}, sum = {};
+    for (int64_t h = 0; h < 16 && column + h < heads; ++h) head_offset[h] = offset[column + h];
+    for (int64_t first = 0; first < count; first += 16) {
+      U16x16 rows[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        if (first + j >= count) {
+          rows[j] = U16x16{};
+          continue;
+        }
+        const F32x16 p = exp2_nonpositive(load_f32x16(scores + (first + j) * width + column) - head_offset);
+        sum += p;
+        U32x16 word;
+        std::memcpy(&word, &p, sizeof(word));
+        U32x16 rounded = (word + 0x7FFFu + ((word >> 16) & 1u)) >> 16;
+        rounded = p != p ? U32x16{} + kQuietNanBitsBf16 : rounded;
+        rows[j] = __builtin_convertvector(rounded, U16x16);
+      }
+      transpose_16x16(rows);
+      for (int64_t h = 0; h < 16 && column + h < heads; ++h) {
+        std::memcpy(probabilities + (column + h) * stride + first, &rows[h], sizeof(U16x16));
+      }
+    }
+    for (int64_t h = 0; h < 16 && column + h < heads; ++h) tile_sum[column + h] = sum[h];
+  }
+}
+#endif
 
 HELIX_CPU_CLONES void scale_row(float* row, int64_t count, float factor) {
   for (int64_t d = 0; d < count; ++d) row[d] *= factor;
@@ -522,6 +598,11 @@ class FlashDecodeCpu {
     for (int64_t h = 0; h < heads; ++h) {
       const QT* row = q_ + item.batch * q_strides_[0] +
                       (item.kv_head * group_size_ + item.head_begin + h) * q_strides_[1];
+      if constexpr (kVnni && std::is_same_v<QT, BFloat16>) {  // VNNI pairs copied as 32-bit words (Dk even)
+        uint32_t* pairs = reinterpret_cast<uint32_t*>(s.queries.data());
+        for (int64_t d = 0; d < dim_k; d += 2) std::memcpy(&pairs[(d / 2) * width + h], row + d, sizeof(uint32_t));
+        continue;
+      }
       for (int64_t d = 0; d < dim_k; ++d) {
         const int64_t index = vector_ ? h * dim_k + d : kVnni ? ((d / 2) * width + h) * 2 + d % 2 : d * width + h;
         s.queries[index] = static_cast<CT>(static_cast<float>(row[d]));
@@ -736,6 +817,20 @@ class FlashDecodeCpu {
       if (alpha != 1.0f) scale_row(&s.accumulator[h * shape_.head_dim_v], shape_.head_dim_v, alpha);
       offset[h] = online_softmax_offset(s.states[h]);
     }
+#if defined(__GNUC__)
+    if constexpr (kVnni) {
+      if (width % 16 == 0 && stride % 16 == 0) {
+        uint16_t* rows = reinterpret_cast<uint16_t*>(s.probabilities.data());
+        exponentiate_and_round_bf16(s.scores.data(), width, heads, count, offset, s.tile_sum.data(), rows, stride);
+        const int64_t written = (count + 15) / 16 * 16;
+        for (int64_t h = 0; h < heads; ++h) {
+          s.states[h].sum += s.tile_sum[h];
+          std::fill(rows + h * stride + written, rows + (h + 1) * stride, uint16_t{0});
+        }
+        return;
+      }
+    }
+#endif
     float* probabilities = s.scores.data();  // in place: P[t, h] over S[t, h]
     exponentiate_tile(probabilities, width, heads, count, offset, s.tile_sum.data());
     for (int64_t h = 0; h < heads; ++h) {
