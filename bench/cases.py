@@ -74,13 +74,15 @@ def _flex_peer(q, keys, values, scale):
 
 def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_k: int, head_dim_v: int,
                       seq_len: int, block_size: int | None, kv_dtype: torch.dtype, device: str, label: str,
-                      peers: tuple[str, ...] = ("sdpa_flash",)) -> Case:
+                      peers: tuple[str, ...] = ("sdpa_flash",), num_queries: int = 1) -> Case:
     """Decode attention over seq_len tokens per sequence. block_size None lays each sequence's
     cache out contiguously (one block per sequence); otherwise blocks of block_size, dealt to
     the sequences in a shuffled order. MLA when head_dim_k != head_dim_v (V inside the K entry).
     q is bf16, or fp32 with an fp32 cache (a CPU-only dtype). Peers read K/V in q's dtype laid
     out contiguously as they want it; flex_attention (compiled per shape, which takes a while)
-    only where a shape asks for it."""
+    only where a shape asks for it. num_queries > 1: q [B, Q, Hq, Dk] (speculative decoding's
+    drafts, causal over the last Q keys); the peers then attend with Q x group query rows per KV
+    head over the whole cache, unmasked (the same reads and products)."""
     mla = head_dim_k != head_dim_v
     q_dtype = torch.float32 if kv_dtype == torch.float32 else torch.bfloat16
     block = seq_len if block_size is None else block_size
@@ -89,7 +91,8 @@ def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_
     order = torch.arange(num_blocks) if block_size is None else torch.randperm(num_blocks)
     block_table = order.view(batch, blocks_per_seq).to(torch.int32).to(device)
     fp8 = kv_dtype == torch.float8_e4m3fn
-    q = torch.randn(batch, num_q_heads, head_dim_k, dtype=q_dtype, device=device)
+    q_rows = (batch, num_q_heads) if num_queries == 1 else (batch, num_queries, num_q_heads)
+    q = torch.randn(*q_rows, head_dim_k, dtype=q_dtype, device=device)
     k_cache = torch.randn(num_blocks, block, num_kv_heads, head_dim_k, device=device, dtype=q_dtype).to(kv_dtype)
     v_cache = None if mla else torch.randn(num_blocks, block, num_kv_heads, head_dim_v, device=device,
                                            dtype=q_dtype).to(kv_dtype)
@@ -100,11 +103,13 @@ def flash_decode_case(batch: int, num_q_heads: int, num_kv_heads: int, head_dim_
     head_dim_v_arg = head_dim_v if mla else -1
 
     traffic = flash_decode_traffic(label, batch, num_q_heads, num_kv_heads, head_dim_k, head_dim_v, seq_len,
-                                   block_size, kv_dtype)
+                                   block_size, kv_dtype, num_queries)
 
     # Peers: K/V in q's dtype as [B, Hkv, L, D] contiguous, queries grouped per KV head.
     group = num_q_heads // num_kv_heads
-    peer_q = q.view(batch, num_kv_heads, group, head_dim_k)
+    # [B, Hkv, Q * group, Dk]: every query token's rows of a KV head together.
+    peer_q = q.view(batch, num_queries, num_kv_heads, group, head_dim_k).transpose(1, 2).reshape(
+        batch, num_kv_heads, num_queries * group, head_dim_k)
     peer_keys = torch.randn(batch, num_kv_heads, seq_len, head_dim_k, dtype=q_dtype, device=device)
     peer_values = peer_keys[..., :head_dim_v] if mla else torch.randn(batch, num_kv_heads, seq_len, head_dim_v,
                                                                       dtype=q_dtype, device=device)
@@ -278,6 +283,11 @@ EXTRA = {
         dict(num_parts=8, batch=64, heads=32, head_dim=128, dtype=torch.float32),
     ],
     "flash_decode": _FLASH_DECODE_HEADLINES + [
+        # Speculative decoding: the last accepted token and 1 or 3 drafts per sequence.
+        *[dict(label="G1", batch=8, num_q_heads=16, num_kv_heads=1, head_dim_k=128, head_dim_v=128, seq_len=131072,
+               block_size=64, kv_dtype=torch.bfloat16, num_queries=q) for q in (2, 4)],
+        *[dict(label="M1", batch=16, num_q_heads=128, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=16384,
+               block_size=64, kv_dtype=torch.bfloat16, peers=("flex",), num_queries=q) for q in (2, 4)],
         # The same shapes with the cache laid out contiguously (one block per sequence).
         dict(label="G1", batch=8, num_q_heads=16, num_kv_heads=1, head_dim_k=128, head_dim_v=128, seq_len=131072,
              block_size=None, kv_dtype=torch.bfloat16),
@@ -337,6 +347,11 @@ CPU_EXTRA = {
              block_size=64, kv_dtype=torch.bfloat16, peers=("eager",)),
         dict(label="CM", batch=2, num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=8192,
              block_size=64, kv_dtype=torch.float8_e4m3fn, peers=("eager",)),
+        # Speculative decoding: 4 query tokens per sequence (the KV read once for all).
+        dict(label="C1", batch=1, num_q_heads=16, seq_len=32768, kv_dtype=torch.bfloat16, num_queries=4,
+             **_CPU_FLASH),
+        dict(label="CM", batch=2, num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, seq_len=8192,
+             block_size=64, kv_dtype=torch.bfloat16, peers=("eager",), num_queries=4),
     ],
     "fp4_grouped_gemm": [
         dict(label="CF1", num_experts=8, n=2048, k=2048, tokens_per_expert=1, fmt="mxfp4"),

@@ -32,14 +32,19 @@ def merge_states_traffic(num_parts: int, batch: int, heads: int, head_dim: int, 
 
 
 def flash_decode_traffic(label: str, batch: int, num_q_heads: int, num_kv_heads: int, head_dim_k: int,
-                         head_dim_v: int, seq_len: int, block_size: int | None, kv_dtype: torch.dtype) -> Traffic:
+                         head_dim_v: int, seq_len: int, block_size: int | None, kv_dtype: torch.dtype,
+                         num_queries: int = 1) -> Traffic:
+    """num_queries: query tokens per sequence (speculative decoding), each over the whole cache
+    (the roofline's upper bound: their causal tail masks at most Q - 1 keys)."""
     mla = head_dim_k != head_dim_v
     kv_bytes = batch * seq_len * num_kv_heads * (head_dim_k + (0 if mla else head_dim_v)) * element_size(kv_dtype)
-    bytes_moved = kv_bytes + batch * num_q_heads * (head_dim_k * 2 + head_dim_v * 2 + 4)
+    rows = batch * num_queries * num_q_heads
+    bytes_moved = kv_bytes + rows * (head_dim_k * 2 + head_dim_v * 2 + 4)
     layout = "contiguous" if block_size is None else f"paged{block_size}"
-    shape = (f"{label}:B={batch},Hq={num_q_heads},Hkv={num_kv_heads},D={head_dim_k}"
+    shape = (f"{label}:B={batch},{f'Q={num_queries},' if num_queries > 1 else ''}Hq={num_q_heads},"
+             f"Hkv={num_kv_heads},D={head_dim_k}"
              f"{'/' + str(head_dim_v) if mla else ''},L={seq_len},{DTYPE_NAMES[kv_dtype]},{layout}")
-    return Traffic(shape, bytes_moved, 2 * batch * num_q_heads * seq_len * (head_dim_k + head_dim_v))
+    return Traffic(shape, bytes_moved, 2 * rows * seq_len * (head_dim_k + head_dim_v))
 
 
 def fp4_grouped_gemm_traffic(label: str, num_experts: int, n: int, k: int, tokens_per_expert: int,

@@ -10,11 +10,14 @@
 #include <cstdlib>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace helix {
 
 struct FlashDecodeShape {
   int64_t batch, num_q_heads, head_dim_k, head_dim_v;
+  int64_t num_queries;  // query tokens per sequence: q [B, Q, Hq, Dk] (1 for a 3-D q)
+  bool q_4d;            // q (and so out and lse) have the Q dim
   int64_t num_blocks, block_size, num_kv_heads, max_blocks_per_seq;
   bool kv_fp8;
   bool mla;  // v_cache is None: V is the first head_dim_v dims of k_cache
@@ -47,8 +50,11 @@ inline FlashDecodeShape check_flash_decode_args(const at::Tensor& q, const at::T
                                                 const at::Tensor& block_table, const at::Tensor& seq_lens,
                                                 double softmax_scale, int64_t head_dim_v,
                                                 const std::optional<at::Tensor>& k_scale,
-                                                const std::optional<at::Tensor>& v_scale, int64_t num_splits) {
-  TORCH_CHECK(q.dim() == 3, "flash_decode: q must be 3-D [B, Hq, Dk], got shape ", q.sizes());
+                                                const std::optional<at::Tensor>& v_scale, int64_t num_splits,
+                                                const std::optional<at::Tensor>& query_key_lens) {
+  TORCH_CHECK(q.dim() == 3 || q.dim() == 4,
+              "flash_decode: q must be 3-D [B, Hq, Dk] or 4-D [B, Q, Hq, Dk] (Q query tokens per sequence), got shape ",
+              q.sizes());
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
               "flash_decode: q must be bfloat16, float16 or float32 (float32: CPU only), got ", q.scalar_type());
   TORCH_CHECK(k_cache.dim() == 4, "flash_decode: k_cache must be 4-D [num_blocks, block_size, Hkv, Dk], got shape ",
@@ -59,8 +65,10 @@ inline FlashDecodeShape check_flash_decode_args(const at::Tensor& q, const at::T
               k_cache.scalar_type());
   FlashDecodeShape shape;
   shape.batch = q.size(0);
-  shape.num_q_heads = q.size(1);
-  shape.head_dim_k = q.size(2);
+  shape.q_4d = q.dim() == 4;
+  shape.num_queries = shape.q_4d ? q.size(1) : 1;
+  shape.num_q_heads = q.size(-2);
+  shape.head_dim_k = q.size(-1);
   shape.num_blocks = k_cache.size(0);
   shape.block_size = k_cache.size(1);
   shape.num_kv_heads = k_cache.size(2);
@@ -120,6 +128,15 @@ inline FlashDecodeShape check_flash_decode_args(const at::Tensor& q, const at::T
               "flash_decode: softmax_scale must be finite in float32 times log2(e) (|x| <= 2.3e38), got ",
               softmax_scale);
   TORCH_CHECK(num_splits >= 0, "flash_decode: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  if (query_key_lens.has_value()) {
+    const at::Tensor& lens = *query_key_lens;
+    TORCH_CHECK(lens.dim() == 2 && lens.size(0) == shape.batch && lens.size(1) == shape.num_queries,
+                "flash_decode: query_key_lens must be 2-D [B=", shape.batch, ", Q=", shape.num_queries, "], got shape ",
+                lens.sizes());
+    TORCH_CHECK(lens.scalar_type() == at::kInt, "flash_decode: query_key_lens must be int32, got ", lens.scalar_type());
+    TORCH_CHECK(lens.device() == q.device(), "flash_decode: query_key_lens must be on ", q.device(),
+                " (q's device), got ", lens.device());
+  }
   if (kv_fp8) {
     TORCH_CHECK(k_scale.has_value(), "flash_decode: k_scale is required when k_cache is float8_e4m3fn");
     TORCH_CHECK(!v_cache.has_value() || v_scale.has_value(),
@@ -133,7 +150,7 @@ inline FlashDecodeShape check_flash_decode_args(const at::Tensor& q, const at::T
 // Value checks of block_table and seq_lens: every seq_len in [0, max_blocks * block_size],
 // every block id a sequence uses in [0, num_blocks).
 inline void check_flash_decode_values(const at::Tensor& block_table, const at::Tensor& seq_lens,
-                                      const FlashDecodeShape& shape) {
+                                      const std::optional<at::Tensor>& query_key_lens, const FlashDecodeShape& shape) {
   const at::Tensor lens = seq_lens.cpu();
   const at::Tensor table = block_table.cpu();
   const int32_t* lens_data = lens.const_data_ptr<int32_t>();
@@ -149,7 +166,36 @@ inline void check_flash_decode_values(const at::Tensor& block_table, const at::T
       TORCH_CHECK(block >= 0 && block < shape.num_blocks, "flash_decode: block_table[", b, ", ", i, "] = ", block,
                   " is not a block id in [0, num_blocks = ", shape.num_blocks, ")");
     }
+    if (!query_key_lens.has_value()) continue;
+    const at::Tensor visible = query_key_lens->cpu();
+    int64_t previous = 0;
+    for (int64_t i = 0; i < shape.num_queries; ++i) {
+      const int64_t count = visible.const_data_ptr<int32_t>()[b * visible.stride(0) + i * visible.stride(1)];
+      TORCH_CHECK(count >= previous && count <= length, "flash_decode: query_key_lens[", b, ", ", i, "] = ", count,
+                  " must be in [", previous, ", seq_lens[", b, "] = ", length,
+                  "] (each query sees the first keys of the shard, no fewer than the query before it)");
+      previous = count;
+    }
   }
+}
+
+// Keys of the shard query i of sequence b sees: query_key_lens[b, i], or by default causal over
+// the last Q keys, max(0, seq_lens[b] - Q + 1 + i). On the host: [B * Q].
+inline std::vector<int64_t> flash_decode_visible_keys(const at::Tensor& seq_lens,
+                                                      const std::optional<at::Tensor>& query_key_lens,
+                                                      const FlashDecodeShape& shape) {
+  std::vector<int64_t> visible(shape.batch * shape.num_queries);
+  const at::Tensor lens = seq_lens.cpu();
+  const at::Tensor given = query_key_lens.has_value() ? query_key_lens->cpu() : at::Tensor();
+  for (int64_t b = 0; b < shape.batch; ++b) {
+    const int64_t length = lens.const_data_ptr<int32_t>()[b * lens.stride(0)];
+    for (int64_t i = 0; i < shape.num_queries; ++i) {
+      visible[b * shape.num_queries + i] =
+          given.defined() ? given.const_data_ptr<int32_t>()[b * given.stride(0) + i * given.stride(1)]
+                          : std::max<int64_t>(0, length - shape.num_queries + 1 + i);
+    }
+  }
+  return visible;
 }
 
 // HELIX_CHECK_INPUTS=1 turns the value checks on for CUDA inputs (each costs a device sync).
@@ -160,6 +206,11 @@ inline bool check_inputs_on_device() {
 
 inline std::tuple<at::Tensor, at::Tensor> allocate_flash_decode_outputs(const at::Tensor& q,
                                                                         const FlashDecodeShape& shape) {
+  if (shape.q_4d) {
+    at::Tensor out = at::empty({shape.batch, shape.num_queries, shape.num_q_heads, shape.head_dim_v}, q.options());
+    at::Tensor lse = at::empty({shape.batch, shape.num_queries, shape.num_q_heads}, q.options().dtype(at::kFloat));
+    return {out, lse};
+  }
   at::Tensor out = at::empty({shape.batch, shape.num_q_heads, shape.head_dim_v}, q.options());
   at::Tensor lse = at::empty({shape.batch, shape.num_q_heads}, q.options().dtype(at::kFloat));
   return {out, lse};

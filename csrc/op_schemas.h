@@ -13,7 +13,7 @@ inline void define_op_schemas(torch::Library& m) {
   m.def(
       "flash_decode(Tensor q, Tensor k_cache, Tensor? v_cache, Tensor block_table, Tensor seq_lens, "
       "float softmax_scale, int head_dim_v=-1, Tensor? k_scale=None, Tensor? v_scale=None, "
-      "int num_splits=0) -> (Tensor out, Tensor lse)",
+      "int num_splits=0, Tensor? query_key_lens=None) -> (Tensor out, Tensor lse)",
       {at::Tag::pt2_compliant_tag});
   m.def("quantize_fp4(Tensor x, str fmt, Tensor? global_scale=None) -> (Tensor packed, Tensor block_scales, "
         "Tensor global_scale)",

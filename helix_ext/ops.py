@@ -81,7 +81,8 @@ def _merge_states_fake(parts_out: torch.Tensor, parts_lse: torch.Tensor):
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, softmax_scale: float, head_dim_v: int = -1,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                 num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_splits: int = 0,
+                 query_key_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over one KV shard of a paged cache, returning the partial output and its LSE.
 
     For each sequence b and query head h (reading KV head ``h // (Hq // Hkv)``, so MHA, GQA
@@ -95,9 +96,17 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
     and lse NaN, whatever the number of splits, never ``0`` and ``-inf``. (A score overflowing to
     ``-inf`` weighs 0, like a masked one.)
 
+    Several query tokens per sequence (speculative decoding: the last accepted token and its
+    drafts): q ``[B, Q, Hq, Dk]`` gives out ``[B, Q, Hq, Dv]`` and lse ``[B, Q, Hq]``; query i of
+    sequence b attends to the first ``query_key_lens[b, i]`` keys of the shard (by default
+    ``max(0, seq_lens[b] - Q + 1 + i)``: causal over the shard's last Q keys), and a query that
+    sees no key gives 0 and ``-inf``. A KV head's Q x group (query, head) rows share each read
+    of a K/V tile (the CUDA kernel packs them into its MMA rows, the CPU into its GEMM rows).
+
     Args:
-        q: ``[B, Hq, Dk]`` bfloat16 or float16 (one decode token per sequence); float32 too on
-            the CPU (for exact-arithmetic test models; the CUDA kernel uses bf16/fp16 tensor cores).
+        q: ``[B, Hq, Dk]`` (one decode token per sequence) or ``[B, Q, Hq, Dk]``, bfloat16 or
+            float16; float32 too on the CPU (for exact-arithmetic test models; the CUDA kernel
+            uses bf16/fp16 tensor cores).
         k_cache: ``[num_blocks, block_size, Hkv, Dk]`` in q's dtype or float8_e4m3fn; any
             block size >= 1; strides allowed, the last dim contiguous.
         v_cache: ``[num_blocks, block_size, Hkv, Dv]`` with k_cache's dtype, or None for MLA's
@@ -111,17 +120,20 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor |
         num_splits: KV splits per sequence inside one GPU, at most 4096 (0 = choose from the device's SM
             count, B * Hkv and the cache capacity; the actual lengths are split evenly on the
             device). Ignored on the CPU, which chooses its own chunks.
+        query_key_lens: ``[B, Q]`` int32, the keys each query token sees (its shard's first
+            ones); non-decreasing in i, each in ``[0, seq_lens[b]]``.
 
     Returns:
-        ``(out, lse)``: ``out`` ``[B, Hq, Dv]`` in q's dtype, ``lse`` ``[B, Hq]`` float32.
+        ``(out, lse)``: ``out`` ``[B, Hq, Dv]`` (``[B, Q, Hq, Dv]``) in q's dtype, ``lse``
+        ``[B, Hq]`` (``[B, Q, Hq]``) float32.
 
-    Block ids and lengths are validated on CPU; on CUDA only with ``HELIX_CHECK_INPUTS=1``
-    (a device sync), otherwise invalid values give an unspecified result, never an
-    out-of-bounds access.
+    Block ids, lengths and query_key_lens are validated on CPU; on CUDA only with
+    ``HELIX_CHECK_INPUTS=1`` (a device sync), otherwise invalid values give an unspecified
+    result, never an out-of-bounds access.
     """
     _require_device_kernel("flash_decode", q)
     return torch.ops.helix.flash_decode.default(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                                head_dim_v, k_scale, v_scale, num_splits)
+                                                head_dim_v, k_scale, v_scale, num_splits, query_key_lens)
 
 
 def _check_scale(scale, name: str) -> None:
@@ -143,10 +155,11 @@ def _float32_times_log2e_is_finite(scale: float) -> bool:
 
 @torch.library.register_fake("helix::flash_decode")
 def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, head_dim_v=-1, k_scale=None,
-                       v_scale=None, num_splits=0):
+                       v_scale=None, num_splits=0, query_key_lens=None):
     # The same checks as csrc/flash_decode_args.h, minus the value checks (they need data).
-    if q.dim() != 3:
-        raise RuntimeError(f"flash_decode: q must be 3-D [B, Hq, Dk], got shape {tuple(q.shape)}")
+    if q.dim() not in (3, 4):
+        raise RuntimeError("flash_decode: q must be 3-D [B, Hq, Dk] or 4-D [B, Q, Hq, Dk] (Q query tokens per "
+                           f"sequence), got shape {tuple(q.shape)}")
     if q.dtype not in _FLASH_DECODE_Q_DTYPES:
         raise RuntimeError(f"flash_decode: q must be bfloat16, float16 or float32 (float32: CPU only), got {q.dtype}")
     if k_cache.dim() != 4:
@@ -155,7 +168,8 @@ def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
     if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
         raise RuntimeError(f"flash_decode: k_cache must have q's dtype ({q.dtype}) or float8_e4m3fn, "
                            f"got {k_cache.dtype}")
-    batch, num_q_heads, head_dim_k = q.shape
+    batch, num_q_heads, head_dim_k = q.shape[0], q.shape[-2], q.shape[-1]
+    num_queries = q.shape[1] if q.dim() == 4 else 1
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     torch._check(k_cache.shape[3] == head_dim_k,
                  lambda: f"flash_decode: k_cache's head dim ({k_cache.shape[3]}) must equal q's ({head_dim_k})")
@@ -201,6 +215,15 @@ def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
                            f"got {softmax_scale}")
     if num_splits < 0:
         raise RuntimeError(f"flash_decode: num_splits must be >= 0 (0 = heuristic), got {num_splits}")
+    if query_key_lens is not None:
+        if query_key_lens.dim() != 2 or tuple(query_key_lens.shape) != (batch, num_queries):
+            raise RuntimeError(f"flash_decode: query_key_lens must be 2-D [B={batch}, Q={num_queries}], got shape "
+                               f"{tuple(query_key_lens.shape)}")
+        if query_key_lens.dtype != torch.int32:
+            raise RuntimeError(f"flash_decode: query_key_lens must be int32, got {query_key_lens.dtype}")
+        if query_key_lens.device != q.device:
+            raise RuntimeError(f"flash_decode: query_key_lens must be on {q.device} (q's device), got "
+                               f"{query_key_lens.device}")
     if k_cache.dtype == torch.float8_e4m3fn:
         if k_scale is None:
             raise RuntimeError("flash_decode: k_scale is required when k_cache is float8_e4m3fn")
@@ -210,9 +233,8 @@ def _flash_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softmax_scale
     _check_scale(v_scale, "v_scale")
     if q.device.type == "cuda":
         _check_flash_decode_cuda(q, k_cache, v_cache, head_dim_k, dim_v, num_splits)
-    out = q.new_empty((batch, num_q_heads, dim_v))
-    lse = q.new_empty((batch, num_q_heads), dtype=torch.float32)
-    return out, lse
+    rows = (batch, num_queries, num_q_heads) if q.dim() == 4 else (batch, num_q_heads)
+    return q.new_empty(rows + (dim_v,)), q.new_empty(rows, dtype=torch.float32)
 
 
 _FLASH_DECODE_MAX_SPLITS = 4096  # csrc/cuda/flash_decode_launch.h: kMaxSplits
@@ -231,7 +253,7 @@ def _check_flash_decode_cuda(q, k_cache, v_cache, head_dim_k, dim_v, num_splits)
                            f"{'v_cache=None' if mla else 'a v_cache'} (the CPU kernel takes any head dims)")
     if num_splits > _FLASH_DECODE_MAX_SPLITS:
         raise RuntimeError(f"flash_decode: num_splits must be at most {_FLASH_DECODE_MAX_SPLITS}, got {num_splits}")
-    for tensor, name, dims in ((q, "q", (0, 1)), (k_cache, "k_cache", (0, 1, 2)), (v_cache, "v_cache", (0, 1, 2))):
+    for tensor, name, dims in ((q, "q", tuple(range(q.dim() - 1))), (k_cache, "k_cache", (0, 1, 2)), (v_cache, "v_cache", (0, 1, 2))):
         if tensor is None:
             continue
         element = tensor.element_size()

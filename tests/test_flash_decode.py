@@ -25,7 +25,8 @@ class Case:
     """
 
     def __init__(self, seq_lens, num_q_heads, num_kv_heads, head_dim_k, head_dim_v=None, *, block_size=16,
-                 q_dtype=torch.bfloat16, kv_dtype=None, mla=False, device="cpu", spare_blocks=3):
+                 q_dtype=torch.bfloat16, kv_dtype=None, mla=False, device="cpu", spare_blocks=3, num_queries=None,
+                 query_key_lens=None):
         self.backend, device = device, tensor_device(device)
         kv_dtype = kv_dtype or q_dtype
         head_dim_v = head_dim_v or head_dim_k
@@ -39,7 +40,13 @@ class Case:
         for b, count in enumerate(blocks_per_seq):
             table[b, :count] = order[start:start + count]
             start += count
-        self.q = torch.randn(batch, num_q_heads, head_dim_k).to(q_dtype).to(device)
+        # num_queries: q [B, Q, Hq, Dk] (several query tokens per sequence), seeing
+        # query_key_lens [B][Q] keys each (None: the op's default, causal over the last Q keys).
+        q_shape = (batch, num_q_heads, head_dim_k) if num_queries is None else (batch, num_queries, num_q_heads,
+                                                                                 head_dim_k)
+        self.q = torch.randn(q_shape).to(q_dtype).to(device)
+        self.query_key_lens = (None if query_key_lens is None else
+                               torch.tensor(query_key_lens, dtype=torch.int32, device=device))
         self.k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim_k).to(kv_dtype).to(device)
         self.v_cache = None if mla else torch.randn(num_blocks, block_size, num_kv_heads, head_dim_v).to(kv_dtype).to(device)
         self.block_table = table.to(torch.int32).to(device)
@@ -55,11 +62,23 @@ class Case:
                 self.head_dim_v, self.k_scale, self.v_scale)
 
     def run(self, num_splits=0, **simt_options):
-        return call_op(self.backend, "flash_decode", *self.args(), num_splits=num_splits, **simt_options)
+        extra = {} if self.query_key_lens is None else {"query_key_lens": self.query_key_lens}
+        return call_op(self.backend, "flash_decode", *self.args(), num_splits=num_splits, **extra, **simt_options)
 
     def reference(self, **kwargs):
         cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in self.args()]
-        return flash_decode_reference(*cpu_args, **kwargs)
+        lens = None if self.query_key_lens is None else self.query_key_lens.cpu()
+        return flash_decode_reference(*cpu_args, query_key_lens=lens, **kwargs)
+
+    def keys_seen(self):
+        """[B, Q] (a 3-D q: [B]): how many keys each query token sees."""
+        lens = self.seq_lens.cpu().long()
+        if self.q.dim() == 3:
+            return lens
+        if self.query_key_lens is not None:
+            return self.query_key_lens.cpu().long()
+        num_queries = self.q.shape[1]
+        return (lens[:, None] + torch.arange(num_queries) - num_queries + 1).clamp(min=0)
 
     def check(self, num_splits=0, **simt_options):
         out, lse = self.run(num_splits, **simt_options)
@@ -72,7 +91,7 @@ class Case:
         terms = max(1, int(self.seq_lens.max()))
         assert_close_to_reference(out, ref_out, base_out, accumulated_terms=terms, name="out")
         assert_close_to_reference(lse, ref_lse, base_lse, accumulated_terms=terms, name="lse")
-        empty = self.seq_lens.cpu() == 0
+        empty = self.keys_seen() == 0
         assert torch.all(out[empty.to(out.device)] == 0) and torch.all(lse[empty.to(lse.device)] == NEG_INF)
         return out, lse
 
@@ -156,6 +175,156 @@ def test_fp8_cache_holding_every_code(device, group, head_dim, codes):
         setattr(case, name, picks.view(FP8).view(cache.shape).to(cache.device))
     case.q = case.q / 64 if codes == "finite" else case.q * 64  # scores of a few units either way
     case.check()
+
+
+# Several query tokens per sequence (q [B, Q, Hq, Dk]): the CPU kernel so far (the CUDA one
+# takes Q = 1; see test_cuda_refuses_several_query_tokens).
+QUERY_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, FP8),
+                (torch.float32, torch.float32)]
+
+
+@pytest.mark.parametrize("q_dtype, kv_dtype", QUERY_DTYPES, ids=["bf16", "fp16", "fp8", "fp32"])
+@pytest.mark.parametrize("num_queries", [2, 4, 8])
+@pytest.mark.parametrize("group, num_kv_heads, head_dim", [(16, 1, 128), (4, 2, 64), (1, 4, 128), (3, 2, 72)])
+def test_several_query_tokens_causal_default(q_dtype, kv_dtype, num_queries, group, num_kv_heads, head_dim):
+    # The default visibility: causal over the shard's last Q keys (a sequence shorter than Q has
+    # queries that see nothing). Q x group rows per KV head: the AMX engine (bf16, Q x group > 4)
+    # and the vector one; lengths across 2048-token work items and 512-token softmax spans.
+    Case([0, 1, 3, 70, 2049, 2600], num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
+         head_dim_k=head_dim, block_size=32, q_dtype=q_dtype, kv_dtype=kv_dtype, num_queries=num_queries).check()
+
+
+# Visibility on Helix shards: 4 query tokens (the last accepted one and 3 drafts) whose keys were
+# appended round-robin: on the owner of the first two new keys every query sees the old keys and
+# the new ones up to its own; on the next owner the first two queries see only old keys; a query
+# that sees nothing (a shard that holds only later tokens); the boundaries of work items.
+SHARD_VISIBILITY = {
+    "first_owner": ([300, 2050], [[298, 299, 300, 300], [2048, 2049, 2050, 2050]]),
+    "second_owner": ([300, 2050], [[298, 298, 299, 300], [2048, 2048, 2049, 2050]]),
+    "sees_nothing": ([5, 40], [[0, 0, 3, 5], [0, 1, 1, 40]]),
+    "across_items": ([4200, 4097], [[2047, 2048, 2049, 4200], [1, 2048, 4096, 4097]]),
+}
+
+
+@pytest.mark.parametrize("q_dtype, kv_dtype", QUERY_DTYPES, ids=["bf16", "fp16", "fp8", "fp32"])
+@pytest.mark.parametrize("pattern", list(SHARD_VISIBILITY))
+@pytest.mark.parametrize("group, num_kv_heads", [(16, 1), (2, 2), (1, 8)])
+def test_several_query_tokens_given_visibility(q_dtype, kv_dtype, pattern, group, num_kv_heads):
+    lengths, visible = SHARD_VISIBILITY[pattern]
+    Case(lengths, num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads, head_dim_k=64, block_size=64,
+         q_dtype=q_dtype, kv_dtype=kv_dtype, num_queries=4, query_key_lens=visible).check()
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["kv_same", "kv_fp8"])
+@pytest.mark.parametrize("num_queries", [2, 5])
+def test_several_query_tokens_mla(fp8, num_queries):
+    # MLA (V inside the K entry), 16 heads: Q x 16 rows (80 with Q = 5: two head slabs).
+    Case([0, 9, 700], num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, block_size=64,
+         kv_dtype=FP8 if fp8 else torch.bfloat16, mla=True, num_queries=num_queries).check()
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64])
+def test_several_query_tokens_block_sizes(block_size):
+    Case([block_size - 1 or 1, block_size + 1, 3 * block_size + 5], num_q_heads=8, num_kv_heads=2, head_dim_k=64,
+         block_size=block_size, num_queries=3).check()
+
+
+@pytest.mark.parametrize("q_dtype, kv_dtype", QUERY_DTYPES, ids=["bf16", "fp16", "fp8", "fp32"])
+@pytest.mark.parametrize("group, num_kv_heads", [(16, 1), (1, 4)])
+def test_one_query_token_in_4d_is_the_3d_result_bit_for_bit(q_dtype, kv_dtype, group, num_kv_heads):
+    # q [B, 1, Hq, Dk], with query_key_lens = seq_lens or without, gives the 3-D op's bits.
+    case = Case([0, 1, 100, 2500], num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads, head_dim_k=128,
+                block_size=64, q_dtype=q_dtype, kv_dtype=kv_dtype)
+    out, lse = case.run()
+    args = list(case.args())
+    args[0] = case.q.unsqueeze(1)
+    for lens in (None, case.seq_lens[:, None].clone()):
+        out4, lse4 = helix_ext.flash_decode(*args, query_key_lens=lens)
+        assert out4.shape == (4, 1, group * num_kv_heads, 128) and lse4.shape == (4, 1, group * num_kv_heads)
+        assert torch.equal(out4[:, 0].view(torch.int16 if out.dtype != torch.float32 else torch.int32),
+                           out.view(torch.int16 if out.dtype != torch.float32 else torch.int32))
+        assert torch.equal(lse4[:, 0].view(torch.int32), lse.view(torch.int32))
+
+
+def test_several_query_tokens_match_one_query_at_a_time():
+    # Query i of a Q-token call equals a 1-token call over its visible keys (seq_lens =
+    # query_key_lens[:, i]) to rounding: the kernel's rows are independent.
+    case = Case([700, 2100], num_q_heads=8, num_kv_heads=1, head_dim_k=128, block_size=64,
+                q_dtype=torch.float32, num_queries=4, query_key_lens=[[0, 350, 699, 700], [2047, 2048, 2049, 2100]])
+    out, lse = case.run()
+    args = list(case.args())
+    for i in range(4):
+        args[0], args[4] = case.q[:, i], case.query_key_lens[:, i].contiguous()
+        single_out, single_lse = helix_ext.flash_decode(*args)
+        torch.testing.assert_close(out[:, i], single_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse[:, i], single_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_several_query_tokens_bad_inputs():
+    case = Case([5, 20], num_q_heads=4, num_kv_heads=2, head_dim_k=64, block_size=8, num_queries=3)
+    args = case.args()
+
+    def lens(rows, dtype=torch.int32):
+        return torch.tensor(rows, dtype=dtype)
+
+    bad = [
+        (lens([[1, 2, 3]]), r"query_key_lens must be 2-D \[B=2, Q=3\]"),
+        (lens([[1, 2, 3], [1, 2, 3]], torch.int64), r"query_key_lens must be int32"),
+        (lens([[1, 3, 2], [1, 2, 3]]), r"query_key_lens\[0, 2\] = 2 must be in \[3, seq_lens\[0\] = 5\]"),
+        (lens([[1, 2, 6], [1, 2, 3]]), r"query_key_lens\[0, 2\] = 6 must be in \[2, seq_lens\[0\] = 5\]"),
+        (lens([[1, 2, 3], [-1, 2, 3]]), r"query_key_lens\[1, 0\] = -1 must be in \[0, seq_lens\[1\] = 20\]"),
+    ]
+    for value, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            helix_ext.flash_decode(*args, query_key_lens=value)
+    with pytest.raises(RuntimeError, match=r"query_key_lens must be 2-D"), torch._subclasses.FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        torch.ops.helix.flash_decode.default(*fake, query_key_lens=mode.from_tensor(lens([[1, 2, 3]])))
+    with pytest.raises(RuntimeError, match=r"q must be 3-D \[B, Hq, Dk\] or 4-D"):
+        helix_ext.flash_decode(case.q[None], *args[1:])
+
+
+CUDA_KERNEL_DEVICES = [d for d in DEVICES_AND_SIMT if d != "cpu"]
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("q_dtype, kv_dtype", QUERY_DTYPES[:3], ids=["bf16", "fp16", "fp8"])
+@pytest.mark.parametrize("num_queries, group, num_kv_heads, head_dim",
+                         [(2, 16, 1, 128), (4, 4, 2, 64), (3, 1, 4, 128), (8, 3, 2, 64)])
+def test_several_query_tokens_cuda_kernel(device, num_splits, q_dtype, kv_dtype, num_queries, group, num_kv_heads,
+                                          head_dim):
+    # The CUDA kernel packs a KV head's Q x group rows into its 16-row MMA tiles (Q x 16 = 32
+    # rows: two head tiles; 8 x 3 = 24: a partial second tile), each row masking the keys its
+    # query does not see; splits of the token range merged per (query, head) row.
+    Case([0, 1, 3, 70, 300], num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads, head_dim_k=head_dim,
+         block_size=16, q_dtype=q_dtype, kv_dtype=kv_dtype, num_queries=num_queries, device=device).check(num_splits)
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+@pytest.mark.parametrize("pattern", list(SHARD_VISIBILITY))
+@pytest.mark.parametrize("num_splits", [0, 4])
+def test_several_query_tokens_given_visibility_cuda_kernel(device, pattern, num_splits):
+    lengths, visible = SHARD_VISIBILITY[pattern]
+    Case(lengths, num_q_heads=8, num_kv_heads=2, head_dim_k=64, block_size=64, num_queries=4, query_key_lens=visible,
+         device=device).check(num_splits)
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+@pytest.mark.parametrize("fp8", [False, True], ids=["kv_same", "kv_fp8"])
+def test_several_query_tokens_mla_cuda_kernel(device, fp8):
+    Case([0, 9, 130], num_q_heads=16, num_kv_heads=1, head_dim_k=576, head_dim_v=512, block_size=64,
+         kv_dtype=FP8 if fp8 else torch.bfloat16, mla=True, num_queries=2, device=device).check()
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+def test_one_query_token_in_4d_cuda_kernel(device):
+    case = Case([0, 5, 200], num_q_heads=8, num_kv_heads=2, head_dim_k=64, block_size=16, device=device)
+    out, lse = case.run()
+    case.q = case.q.unsqueeze(1)
+    out4, lse4 = case.check()
+    assert torch.equal(out4[:, 0].cpu().view(torch.int16), out.cpu().view(torch.int16))
+    assert torch.equal(lse4[:, 0].cpu(), lse.cpu())
 
 
 @pytest.mark.parametrize("dpbf16", ["1", "0"], ids=["dpbf16", "fp32_loops"])
@@ -415,6 +584,13 @@ def test_opcheck(device, mla):
     torch.library.opcheck(torch.ops.helix.flash_decode.default, case.args())
 
 
+def test_opcheck_several_query_tokens():
+    case = Case([3, 70], num_q_heads=8, num_kv_heads=2, head_dim_k=64, q_dtype=torch.float16, num_queries=3,
+                query_key_lens=[[1, 2, 3], [0, 69, 70]])
+    torch.library.opcheck(torch.ops.helix.flash_decode.default, case.args(),
+                          {"query_key_lens": case.query_key_lens})
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile(device):
     torch._dynamo.reset()
@@ -426,6 +602,21 @@ def test_torch_compile(device):
 
     compiled = torch.compile(step, fullgraph=True)
     inputs = (case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens)
+    torch.testing.assert_close(compiled(*inputs), step(*inputs), rtol=0, atol=0)
+
+
+def test_torch_compile_several_query_tokens():
+    torch._dynamo.reset()
+    case = Case([3, 70], num_q_heads=8, num_kv_heads=2, head_dim_k=64, num_queries=4,
+                query_key_lens=[[0, 1, 2, 3], [40, 41, 70, 70]])
+
+    def step(q, k_cache, v_cache, block_table, seq_lens, query_key_lens):
+        out, lse = helix_ext.flash_decode(q, k_cache, v_cache, block_table, seq_lens, 0.125,
+                                          query_key_lens=query_key_lens)
+        return out.float() * 2, lse
+
+    compiled = torch.compile(step, fullgraph=True)
+    inputs = (case.q, case.k_cache, case.v_cache, case.block_table, case.seq_lens, case.query_key_lens)
     torch.testing.assert_close(compiled(*inputs), step(*inputs), rtol=0, atol=0)
 
 

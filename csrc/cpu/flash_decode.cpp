@@ -534,6 +534,28 @@ struct WorkItem {
   int64_t batch, kv_head, head_begin, heads, token_begin, token_end;
 };
 
+// Several query tokens per sequence (q [B, Q, Hq, Dk]): the kernel sees Q * Hq query rows, the
+// Q * group rows of a KV head together (row j of a KV head is query j / group, head j % group of
+// its group), so one read of a K/V tile serves every query token; each row sees its query's
+// first visible[b * Q + i] keys (the others are masked to -inf). Q = 1 is the plain layout.
+struct QueryRows {
+  int64_t num_queries, group;                     // Q and the real GQA group (Hq / Hkv)
+  int64_t num_q_heads;                            // the real Hq
+  int64_t stride_batch, stride_query, stride_head;  // q's strides
+  const int64_t* visible;                         // [B * Q] keys each query sees
+
+  // Query token and real head of kernel row `row` (in [0, Q * Hq)).
+  int64_t query_of(int64_t row) const { return row % (num_queries * group) / group; }
+  int64_t head_of(int64_t row) const { return row / (num_queries * group) * group + row % group; }
+  int64_t q_offset(int64_t batch, int64_t row) const {
+    return batch * stride_batch + query_of(row) * stride_query + head_of(row) * stride_head;
+  }
+  int64_t out_row(int64_t batch, int64_t row) const {  // row of out viewed as [B * Q * Hq, Dv]
+    return (batch * num_queries + query_of(row)) * num_q_heads + head_of(row);
+  }
+  int64_t keys_seen(int64_t batch, int64_t row) const { return visible[batch * num_queries + query_of(row)]; }
+};
+
 // Buffers of one thread, reused across its work items.
 template <typename CT>
 struct Scratch {
@@ -550,15 +572,15 @@ class FlashDecodeCpu {
  public:
   // vector: the vector engine (CT float) rather than GEMM tiles.
   FlashDecodeCpu(const at::Tensor& q, const at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache,
-                 const at::Tensor& block_table, const FlashDecodeShape& shape, float softmax_scale, float k_scale,
-                 float v_scale, bool vector)
+                 const at::Tensor& block_table, const FlashDecodeShape& shape, const QueryRows& rows,
+                 float softmax_scale, float k_scale, float v_scale, bool vector)
       : vector_(vector),
         dpbf16_(vector && std::is_same_v<QT, BFloat16> && std::is_same_v<KVT, BFloat16> && use_dpbf16()),
         dpbf16_values_(dpbf16_ && shape.head_dim_v % 32 == 0),
         shape_(shape),
         group_size_(shape.num_q_heads / shape.num_kv_heads),
+        rows_(rows),
         q_(q.const_data_ptr<QT>()),
-        q_strides_{q.stride(0), q.stride(1)},
         block_table_(block_table.const_data_ptr<int32_t>()),
         block_table_strides_{block_table.stride(0), block_table.stride(1)},
         score_scale_log2_(softmax_scale * k_scale * kLog2e),
@@ -596,8 +618,7 @@ class FlashDecodeCpu {
     // bf16 ones; the vector engine keeps Q [heads, Dk].
     s.queries.assign(dim_k * width, CT(0.0f));
     for (int64_t h = 0; h < heads; ++h) {
-      const QT* row = q_ + item.batch * q_strides_[0] +
-                      (item.kv_head * group_size_ + item.head_begin + h) * q_strides_[1];
+      const QT* row = q_ + rows_.q_offset(item.batch, item.kv_head * group_size_ + item.head_begin + h);
       if constexpr (kVnni && std::is_same_v<QT, BFloat16>) {  // VNNI pairs copied as 32-bit words (Dk even)
         uint32_t* pairs = reinterpret_cast<uint32_t*>(s.queries.data());
         for (int64_t d = 0; d < dim_k; d += 2) std::memcpy(&pairs[(d / 2) * width + h], row + d, sizeof(uint32_t));
@@ -611,8 +632,7 @@ class FlashDecodeCpu {
     if (dpbf16_) {
       s.queries_bf16.resize(heads * dim_k);
       for (int64_t h = 0; h < heads; ++h) {
-        const QT* row = q_ + item.batch * q_strides_[0] +
-                        (item.kv_head * group_size_ + item.head_begin + h) * q_strides_[1];
+        const QT* row = q_ + rows_.q_offset(item.batch, item.kv_head * group_size_ + item.head_begin + h);
         for (int64_t d = 0; d < dim_k; ++d) s.queries_bf16[h * dim_k + d] = static_cast<BFloat16>(row[d]);
       }
     }
@@ -647,7 +667,7 @@ class FlashDecodeCpu {
           at::native::cpublas::brgemm(kTile, width, dim_k, key_stride, width, width, false, keys, queries,
                                       s.scores.data() + i * kTile * width, kVnni);
         }
-        softmax_tile(s, heads, width, span_count, kSpan);
+        softmax_tile(s, item, span, heads, width, span_count, kSpan);
         const CacheView& cache = shape_.mla ? key_ : value_;  // MLA: V is the first Dv dims of the K rows
         if constexpr (kVnni) {
           // V of the whole span packed straight from the cache rows (converted from fp8 on the
@@ -756,7 +776,7 @@ class FlashDecodeCpu {
       tile_scores_vector<KVT>(rows, count, s.queries.data(), heads, group_size_, key_.stride_head, dim_k,
                               s.values.data(), s.scores.data(), ahead, ahead_count, key_bytes);
     }
-    softmax_tile(s, heads, heads, count, kTile);
+    softmax_tile(s, item, first, heads, heads, count, kTile);
     if (!shape_.mla) tile_row_pointers(value_, item, first, count, rows);
     if (ahead_count > 0 && !shape_.mla) tile_row_pointers(value_, item, ahead_first, ahead_count, ahead);
     const int64_t value_head_stride = shape_.mla ? key_.stride_head : value_.stride_head;
@@ -808,10 +828,27 @@ class FlashDecodeCpu {
   // them into each head's state, rescales the accumulator, and writes P[h, t] rounded to q's
   // dtype (zero for padding rows).
   // P rows are `stride` long: zero from count on (a GEMM tile past the sequence reads zeros).
-  void softmax_tile(Scratch<CT>& s, int64_t heads, int64_t width, int64_t count, int64_t stride) const {
+  // The online softmax of the item's tokens [first, first + count), scores S[t, h] (row stride
+  // `width`), probabilities to P [heads, stride].
+  void softmax_tile(Scratch<CT>& s, const WorkItem& item, int64_t first, int64_t heads, int64_t width, int64_t count,
+                    int64_t stride) const {
     float* tile_max = s.tile_max.data();
     float* offset = s.offset.data();
     scale_and_max(s.scores.data(), width, heads, count, score_scale_log2_, tile_max);
+    {
+      // Scores of keys a row's query does not see: -inf (after the scale, whose sign is free),
+      // and that row's max over the keys it sees.
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t seen = rows_.keys_seen(item.batch, item.kv_head * group_size_ + item.head_begin + h) - first;
+        if (seen >= count) continue;
+        tile_max[h] = neg_inf();
+        for (int64_t t = 0; t < count; ++t) {
+          float& score = s.scores[t * width + h];
+          if (t >= seen) score = neg_inf();
+          tile_max[h] = std::max(tile_max[h], score);
+        }
+      }
+    }
     for (int64_t h = 0; h < heads; ++h) {
       const float alpha = online_softmax_rescale(s.states[h], tile_max[h]);
       if (alpha != 1.0f) scale_row(&s.accumulator[h * shape_.head_dim_v], shape_.head_dim_v, alpha);
@@ -848,7 +885,7 @@ class FlashDecodeCpu {
   FlashDecodeShape shape_;
   int64_t group_size_;
   const QT* q_;
-  int64_t q_strides_[2];
+  QueryRows rows_;
   const int32_t* block_table_;
   int64_t block_table_strides_[2];
   CacheView key_, value_;
@@ -867,16 +904,17 @@ bool bf16_gemm_available(const FlashDecodeShape& shape) {
 
 template <typename QT, typename KVT, typename CT>
 void flash_decode_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens, const FlashDecodeShape& shape,
+                           const at::Tensor& block_table, const FlashDecodeShape& shape, const QueryRows& rows,
                            float softmax_scale, float k_scale, float v_scale, at::Tensor& out, at::Tensor& lse) {
+  // shape counts query rows as heads (Q * Hq; see QueryRows): group is Q times the real one.
   const bool vector = !std::is_same_v<CT, BFloat16> && uses_vector_engine(shape);
-  const FlashDecodeCpu<QT, KVT, CT> kernel(q, k_cache, v_cache, block_table, shape, softmax_scale, k_scale, v_scale,
-                                           vector);
+  const FlashDecodeCpu<QT, KVT, CT> kernel(q, k_cache, v_cache, block_table, shape, rows, softmax_scale, k_scale,
+                                           v_scale, vector);
   const int64_t group = shape.num_q_heads / shape.num_kv_heads, dim_v = shape.head_dim_v;
-  const int32_t* lengths = seq_lens.const_data_ptr<int32_t>();
+  // Keys a sequence's work items cover: as many as its last query sees (the most).
+  const auto length_of = [&](int64_t b) { return rows.visible[b * rows.num_queries + rows.num_queries - 1]; };
   const auto chunks_of = [&](int64_t b) {
-    const int64_t length = lengths[b * seq_lens.stride(0)];
-    return std::max<int64_t>(1, (length + kChunkTokens - 1) / kChunkTokens);
+    return std::max<int64_t>(1, (length_of(b) + kChunkTokens - 1) / kChunkTokens);
   };
   // Vector items span kv_step KV heads (whole groups, at most kVectorMaxItemHeads query heads),
   // fewer while that would leave under 4 items per thread; GEMM items one KV head's slab.
@@ -896,7 +934,7 @@ void flash_decode_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   std::vector<WorkItem> items;
   std::vector<int64_t> first_item;
   for (int64_t b = 0; b < shape.batch; ++b) {
-    const int64_t length = lengths[b * seq_lens.stride(0)], chunks = chunks_of(b);
+    const int64_t length = length_of(b), chunks = chunks_of(b);
     for (int64_t g = 0; g < shape.num_kv_heads; g += kv_step) {
       const int64_t heads = vector ? std::min(kv_step, shape.num_kv_heads - g) * group : group;
       for (int64_t head = 0; head < heads; head += slab) {
@@ -937,7 +975,7 @@ void flash_decode_cpu_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           const float* values = &partial_out[((first + p) * slab + h) * dim_v];
           for (int64_t d = 0; d < dim_v; ++d) merged[d] += weight * values[d];
         }
-        const int64_t row = item.batch * shape.num_q_heads + item.kv_head * group + item.head_begin + h;
+        const int64_t row = rows.out_row(item.batch, item.kv_head * group + item.head_begin + h);
         for (int64_t d = 0; d < dim_v; ++d) out_data[row * dim_v + d] = static_cast<QT>(merged[d] * total.normalizer);
         lse_data[row] = total.lse;
       }
@@ -955,18 +993,25 @@ std::tuple<at::Tensor, at::Tensor> flash_decode_cpu(const at::Tensor& q, const a
                                                     const at::Tensor& block_table, const at::Tensor& seq_lens,
                                                     double softmax_scale, int64_t head_dim_v,
                                                     const std::optional<at::Tensor>& k_scale,
-                                                    const std::optional<at::Tensor>& v_scale, int64_t num_splits) {
-  const FlashDecodeShape shape = check_flash_decode_args(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                                         head_dim_v, k_scale, v_scale, num_splits);
+                                                    const std::optional<at::Tensor>& v_scale, int64_t num_splits,
+                                                    const std::optional<at::Tensor>& query_key_lens) {
+  const FlashDecodeShape real_shape = check_flash_decode_args(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
+                                                              head_dim_v, k_scale, v_scale, num_splits, query_key_lens);
   TORCH_CHECK(q.device().is_cpu(), "flash_decode: q must be a CPU tensor here, got ", q.device());
-  check_flash_decode_values(block_table, seq_lens, shape);
-  auto [out, lse] = allocate_flash_decode_outputs(q, shape);
+  check_flash_decode_values(block_table, seq_lens, query_key_lens, real_shape);
+  auto [out, lse] = allocate_flash_decode_outputs(q, real_shape);
   if (lse.numel() == 0) return {out, lse};
+  const std::vector<int64_t> visible = flash_decode_visible_keys(seq_lens, query_key_lens, real_shape);
+  const QueryRows rows{real_shape.num_queries, real_shape.num_q_heads / real_shape.num_kv_heads,
+                       real_shape.num_q_heads, q.stride(0), real_shape.q_4d ? q.stride(1) : 0, q.stride(-2),
+                       visible.data()};
+  FlashDecodeShape shape = real_shape;  // query rows as heads
+  shape.num_q_heads = real_shape.num_q_heads * real_shape.num_queries;
   const float k_multiplier = scale_value(k_scale), v_multiplier = scale_value(v_scale);
   const auto run = [&](auto q_type, auto kv_type, auto compute_type) {
     flash_decode_cpu_impl<decltype(q_type), decltype(kv_type), decltype(compute_type)>(
-        q, k_cache, v_cache, block_table, seq_lens, shape, static_cast<float>(softmax_scale), k_multiplier,
-        v_multiplier, out, lse);
+        q, k_cache, v_cache, block_table, shape, rows, static_cast<float>(softmax_scale), k_multiplier, v_multiplier,
+        out, lse);
   };
   if (q.scalar_type() == at::kBFloat16) {
     if (bf16_gemm_available(shape) && !uses_vector_engine(shape)) {

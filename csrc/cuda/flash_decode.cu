@@ -15,14 +15,15 @@ std::tuple<at::Tensor, at::Tensor> flash_decode_cuda(const at::Tensor& q, const 
                                                      const at::Tensor& block_table, const at::Tensor& seq_lens,
                                                      double softmax_scale, int64_t head_dim_v,
                                                      const std::optional<at::Tensor>& k_scale,
-                                                     const std::optional<at::Tensor>& v_scale, int64_t num_splits) {
+                                                     const std::optional<at::Tensor>& v_scale, int64_t num_splits,
+                                                     const std::optional<at::Tensor>& query_key_lens) {
   const FlashDecodeShape shape = check_flash_decode_args(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                                         head_dim_v, k_scale, v_scale, num_splits);
+                                                         head_dim_v, k_scale, v_scale, num_splits, query_key_lens);
   TORCH_CHECK(q.is_cuda(), "flash_decode: q must be a CUDA tensor here, got ", q.device());
   const c10::cuda::CUDAGuard device_guard(q.device());
-  if (check_inputs_on_device()) check_flash_decode_values(block_table, seq_lens, shape);
+  if (check_inputs_on_device()) check_flash_decode_values(block_table, seq_lens, query_key_lens, shape);
   return flash_decode_launch::run(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, k_scale, v_scale,
-                                  num_splits, shape, launch_context(q.get_device()));
+                                  num_splits, query_key_lens, shape, launch_context(q.get_device()));
 }
 
 }  // namespace

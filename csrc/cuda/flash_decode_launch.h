@@ -95,7 +95,8 @@ inline std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Ten
                                        const at::Tensor& seq_lens, double softmax_scale,
                                        const std::optional<at::Tensor>& k_scale,
                                        const std::optional<at::Tensor>& v_scale, int64_t num_splits,
-                                       const FlashDecodeShape& shape, const LaunchContext& context) {
+                                       const std::optional<at::Tensor>& query_key_lens, const FlashDecodeShape& shape,
+                                       const LaunchContext& context) {
   TORCH_CHECK(q.scalar_type() != at::kFloat, "flash_decode: the CUDA kernel takes bfloat16 or float16 q and caches "
               "(tensor cores); float32 runs on the CPU only");
   const HeadDims dims = select_head_dims(shape);
@@ -109,7 +110,14 @@ inline std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Ten
               "flash_decode: the CUDA kernel takes at most 65535 sequences and 65535 KV heads, got B = ", shape.batch,
               " and Hkv = ", shape.num_kv_heads);
   TORCH_CHECK(shape.num_blocks <= INT32_MAX, "flash_decode: k_cache has more than 2^31 - 1 blocks");
-  check_aligned_rows(q, "q", {0, 1});
+  if (shape.q_4d) {
+    check_aligned_rows(q, "q", {0, 1, 2});
+  } else {
+    check_aligned_rows(q, "q", {0, 1});
+  }
+  TORCH_CHECK(shape.num_queries * (shape.num_q_heads / shape.num_kv_heads) <= INT32_MAX - 1024,
+              "flash_decode: the CUDA kernel takes Q x (Hq / Hkv) < 2^31 - 1024 rows per KV head, got Q = ",
+              shape.num_queries, " and a group of ", shape.num_q_heads / shape.num_kv_heads);
   check_aligned_rows(k_cache, "k_cache", {0, 1, 2});
   if (v_cache.has_value()) check_aligned_rows(*v_cache, "v_cache", {0, 1, 2});
 
@@ -124,7 +132,14 @@ inline std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Ten
   FlashDecodeParams params{};
   params.q = q.const_data_ptr();
   params.q_stride_batch = q.stride(0);
-  params.q_stride_head = q.stride(1);
+  params.q_stride_query = shape.q_4d ? q.stride(1) : 0;
+  params.q_stride_head = q.stride(-2);
+  params.num_queries = static_cast<int>(shape.num_queries);
+  if (query_key_lens.has_value()) {
+    params.query_key_lens = query_key_lens->const_data_ptr<int32_t>();
+    params.query_key_lens_stride_batch = query_key_lens->stride(0);
+    params.query_key_lens_stride_query = query_key_lens->stride(1);
+  }
   params.k_cache = k_cache.const_data_ptr();
   params.k_stride_block = k_cache.stride(0);
   params.k_stride_token = k_cache.stride(1);
@@ -150,7 +165,7 @@ inline std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Ten
   params.block_size = static_cast<int>(shape.block_size);
   params.max_blocks_per_seq = static_cast<int>(shape.max_blocks_per_seq);
   params.num_blocks = static_cast<int>(shape.num_blocks);
-  params.head_tiles = (params.group_size + info.heads_per_cta - 1) / info.heads_per_cta;
+  params.head_tiles = (params.num_queries * params.group_size + info.heads_per_cta - 1) / info.heads_per_cta;
   params.num_splits = plan_splits(num_splits, shape.batch * shape.num_kv_heads * params.head_tiles, capacity, info,
                                   context.multiprocessor_count);
   TORCH_CHECK(int64_t{params.head_tiles} * params.num_splits <= INT32_MAX, "flash_decode: too many splits");
@@ -162,15 +177,18 @@ inline std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& q, const at::Ten
     HELIX_CUDA_CHECK(variant.launch(params, info, stream));
     return {out, lse};
   }
+  // Query tokens fold into the batch dim of the partial states and of the merge.
+  const int64_t rows = shape.batch * shape.num_queries;
   const at::Tensor partial_out =
-      at::empty({params.num_splits, shape.batch, shape.num_q_heads, shape.head_dim_v}, q.options().dtype(at::kFloat));
-  const at::Tensor partial_lse =
-      at::empty({params.num_splits, shape.batch, shape.num_q_heads}, q.options().dtype(at::kFloat));
+      at::empty({params.num_splits, rows, shape.num_q_heads, shape.head_dim_v}, q.options().dtype(at::kFloat));
+  const at::Tensor partial_lse = at::empty({params.num_splits, rows, shape.num_q_heads}, q.options().dtype(at::kFloat));
   params.partial_out = partial_out.mutable_data_ptr<float>();
   params.partial_lse = partial_lse.mutable_data_ptr<float>();
   HELIX_CUDA_CHECK(variant.launch(params, info, stream));
 
-  launch_split_merge(partial_out, partial_lse, out, lse, context);
+  at::Tensor merged_out = out.view({rows, shape.num_q_heads, shape.head_dim_v});
+  at::Tensor merged_lse = lse.view({rows, shape.num_q_heads});
+  launch_split_merge(partial_out, partial_lse, merged_out, merged_lse, context);
   return {out, lse};
 }
 

@@ -85,13 +85,14 @@ std::tuple<at::Tensor, at::Tensor> flash_decode_simt(const at::Tensor& q, const 
                                                      const at::Tensor& block_table, const at::Tensor& seq_lens,
                                                      double softmax_scale, int64_t head_dim_v,
                                                      const std::optional<at::Tensor>& k_scale,
-                                                     const std::optional<at::Tensor>& v_scale, int64_t num_splits) {
+                                                     const std::optional<at::Tensor>& v_scale, int64_t num_splits,
+                                                     const std::optional<at::Tensor>& query_key_lens) {
   const FlashDecodeShape shape = check_flash_decode_args(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
-                                                         head_dim_v, k_scale, v_scale, num_splits);
+                                                         head_dim_v, k_scale, v_scale, num_splits, query_key_lens);
   EmulatedCall call("flash_decode", q);
-  if (check_inputs_on_device()) check_flash_decode_values(block_table, seq_lens, shape);
+  if (check_inputs_on_device()) check_flash_decode_values(block_table, seq_lens, query_key_lens, shape);
   return flash_decode_launch::run(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, k_scale, v_scale,
-                                  num_splits, shape, call.context());
+                                  num_splits, query_key_lens, shape, call.context());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_simt(const at::Tensor& x, c10::string_view fmt,

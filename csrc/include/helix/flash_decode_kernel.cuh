@@ -30,8 +30,14 @@
 namespace helix {
 
 struct FlashDecodeParams {
-  const void* q;  // [B, Hq, Dk], q dtype
-  int64_t q_stride_batch, q_stride_head;
+  const void* q;  // [B, Q, Hq, Dk] (a 3-D q: Q = 1), q dtype
+  int64_t q_stride_batch, q_stride_query, q_stride_head;
+  // Several query tokens per sequence: a KV head's rows are its Q x group (query, head) pairs,
+  // row j = query j / group_size, head j % group_size of the group; query i sees the first
+  // query_key_lens[b, i] keys (nullptr: max(0, seq_len - Q + 1 + i)).
+  int num_queries;
+  const int32_t* query_key_lens;  // [B, Q] or nullptr
+  int64_t query_key_lens_stride_batch, query_key_lens_stride_query;
   const void* k_cache;  // [num_blocks, block_size, Hkv, Dk], q dtype or fp8
   int64_t k_stride_block, k_stride_token, k_stride_head;
   const void* v_cache;  // [num_blocks, block_size, Hkv, Dv]; == k_cache for MLA
@@ -44,11 +50,11 @@ struct FlashDecodeParams {
   const float* v_scale;  // one element or nullptr (1.0); MLA passes k_scale here
   float softmax_scale;
   int num_q_heads, num_kv_heads, group_size, block_size, max_blocks_per_seq, num_blocks;
-  int num_splits, head_tiles;
-  void* out;       // num_splits == 1: [B, Hq, Dv] q dtype
-  float* out_lse;  // num_splits == 1: [B, Hq]
-  float* partial_out;  // num_splits > 1: [num_splits, B, Hq, Dv] fp32
-  float* partial_lse;  // num_splits > 1: [num_splits, B, Hq]
+  int num_splits, head_tiles;  // head tiles per KV head: of its Q x group rows
+  void* out;       // num_splits == 1: [B, Q, Hq, Dv] q dtype
+  float* out_lse;  // num_splits == 1: [B, Q, Hq]
+  float* partial_out;  // num_splits > 1: [num_splits, B, Q, Hq, Dv] fp32
+  float* partial_lse;  // num_splits > 1: [num_splits, B, Q, Hq]
   int batch;
 };
 
@@ -126,6 +132,16 @@ HELIX_DEVICE int clamp_length(int length, int capacity) {
   return length < 0 ? 0 : (length > capacity ? capacity : length);
 }
 
+// Keys query `query` of sequence `batch` sees, in [0, length] (length: the clamped seq_len;
+// unchecked query_key_lens values are clamped too, so no key past the sequence is ever read).
+HELIX_DEVICE int visible_keys(const FlashDecodeParams& params, int batch, int query, int length) {
+  const int64_t seen = params.query_key_lens != nullptr
+                           ? int64_t{params.query_key_lens[batch * params.query_key_lens_stride_batch +
+                                                           query * params.query_key_lens_stride_query]}
+                           : int64_t{length} - params.num_queries + 1 + query;
+  return seen < 0 ? 0 : (seen > length ? length : static_cast<int>(seen));
+}
+
 }  // namespace detail
 
 template <typename Config, typename T, bool KV_FP8>
@@ -160,33 +176,45 @@ __global__ void __launch_bounds__(Config::kThreads)
   // the per-row block lookups divide in 32 bits; element offsets are 64-bit throughout.
   // (An empty cache holds no valid block, so nothing is read from it whatever seq_lens says.)
   const int capacity = params.num_blocks > 0 ? params.max_blocks_per_seq * params.block_size : 0;
-  const int length = detail::clamp_length(params.seq_lens[batch * params.seq_lens_stride], capacity);
+  const int seq_len = detail::clamp_length(params.seq_lens[batch * params.seq_lens_stride], capacity);
+  // The keys any query of the sequence sees (the last query's, when query_key_lens is valid).
+  int length = 0;
+  for (int query = 0; query < params.num_queries; ++query) {
+    const int seen = detail::visible_keys(params, batch, query, seq_len);
+    length = seen > length ? seen : length;
+  }
   const int64_t tiles_total = (int64_t{length} + TILE - 1) / TILE;
   const int64_t tiles_per_split = (tiles_total + params.num_splits - 1) / params.num_splits;
   const int64_t begin64 = int64_t{split} * tiles_per_split * TILE;
   const int begin = begin64 < length ? static_cast<int>(begin64) : length;
   const int end = begin64 + tiles_per_split * TILE < length ? static_cast<int>(begin64 + tiles_per_split * TILE)
                                                              : length;
-  const int first_head_in_group = head_tile * HEADS;
-  const int heads_here = params.group_size - first_head_in_group < HEADS ? params.group_size - first_head_in_group
-                                                                           : HEADS;
-  const int64_t first_head = int64_t{kv_head} * params.group_size + first_head_in_group;  // in [0, Hq)
-  const int64_t out_row0 = int64_t{batch} * params.num_q_heads + first_head;            // row of [B*Hq]
+  // This head tile's rows of the KV head's Q x group (query, head) rows.
+  const int rows_per_kv_head = params.num_queries * params.group_size;
+  const int first_row = head_tile * HEADS;
+  const int heads_here = rows_per_kv_head - first_row < HEADS ? rows_per_kv_head - first_row : HEADS;
+  // Row r of the tile: its query token, and its row of out viewed as [B * Q * Hq, Dv].
+  auto query_of = [&](int row) { return (first_row + row) / params.group_size; };
+  auto out_row = [&](int row) {
+    const int query = query_of(row), head = (first_row + row) % params.group_size;
+    return (int64_t{batch} * params.num_queries + query) * params.num_q_heads +
+           int64_t{kv_head} * params.group_size + head;
+  };
+  const int64_t rows_total = int64_t{params.batch} * params.num_queries * params.num_q_heads;
   const bool single_split = params.num_splits == 1;
 
   if (begin >= end) {
     // An empty split (or an empty sequence): lse = -inf; the final output also needs zeros.
     for (int index = threadIdx.x; index < heads_here; index += THREADS) {
       if (single_split) {
-        params.out_lse[out_row0 + index] = neg_inf();
+        params.out_lse[out_row(index)] = neg_inf();
       } else {
-        params.partial_lse[int64_t{split} * params.batch * params.num_q_heads + out_row0 + index] = neg_inf();
+        params.partial_lse[int64_t{split} * rows_total + out_row(index)] = neg_inf();
       }
     }
     if (single_split) {
-      T* out = static_cast<T*>(params.out) + out_row0 * DV;
       for (int index = threadIdx.x; index < heads_here * DV; index += THREADS) {
-        out[index] = ElementTraits<T>::from_float(0.0f);
+        static_cast<T*>(params.out)[out_row(index / DV) * DV + index % DV] = ElementTraits<T>::from_float(0.0f);
       }
     }
     return;  // uniform across the CTA: no barrier is skipped by some threads only
@@ -199,7 +227,9 @@ __global__ void __launch_bounds__(Config::kThreads)
     for (int chunk = threadIdx.x; chunk < HEADS * Q_CHUNKS; chunk += THREADS) {
       const int row = chunk / Q_CHUNKS, column = chunk % Q_CHUNKS;
       const bool valid = row < heads_here;
-      const T* source = q + (valid ? (first_head + row) * params.q_stride_head + column * 8 : 0);
+      const int64_t head = int64_t{kv_head} * params.group_size + (first_row + row) % params.group_size;
+      const T* source =
+          q + (valid ? query_of(row) * params.q_stride_query + head * params.q_stride_head + column * 8 : 0);
       ptx::cp_async_16(ptx::shared_address(q_tile + row * KROW + column * 8), source, valid);
     }
   }
@@ -270,8 +300,16 @@ __global__ void __launch_bounds__(Config::kThreads)
   const float value_scale = params.v_scale != nullptr ? *params.v_scale : 1.0f;
 
   // Per thread: rows lane/4 and lane/4 + 8 of the warp's 16 heads; the sums are this
-  // thread's share (its columns), reduced across the quad at the end.
+  // thread's share (its columns), reduced across the quad at the end. Each row masks the keys
+  // past those its query sees (rows past the tile's end: the split's end).
   SoftmaxState state[2] = {softmax_state_empty(), softmax_state_empty()};
+  int row_end[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp_m * 16 + lane / 4 + 8 * r;
+    const int seen = row < heads_here ? detail::visible_keys(params, batch, query_of(row), seq_len) : end;
+    row_end[r] = seen < end ? seen : end;
+  }
   float output[O_TILES][4];
 #pragma unroll
   for (int n = 0; n < O_TILES; ++n) {
@@ -374,7 +412,8 @@ __global__ void __launch_bounds__(Config::kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int token = tile_first + n * 8 + (lane % 4) * 2 + (i % 2);
-        const bool inside = HELIX_PLANT(kPlantTileBoundOffByOne) ? token <= end : token < end;
+        const int bound = row_end[i / 2];
+        const bool inside = HELIX_PLANT(kPlantTileBoundOffByOne) ? token <= bound : token < bound;
         scores[n][i] = inside ? scores[n][i] * score_scale : neg_inf();
         tile_max[i / 2] = fmaxf(tile_max[i / 2], scores[n][i]);
       }
@@ -467,9 +506,9 @@ __global__ void __launch_bounds__(Config::kThreads)
     if (warp_v == 0 && warp_t == 0 && lane % 4 == 0 && row < heads_here) {
       const float lse = online_softmax_lse(total);
       if (single_split) {
-        params.out_lse[out_row0 + row] = lse;
+        params.out_lse[out_row(row)] = lse;
       } else {
-        params.partial_lse[int64_t{split} * params.batch * params.num_q_heads + out_row0 + row] = lse;
+        params.partial_lse[int64_t{split} * rows_total + out_row(row)] = lse;
       }
     }
   }
@@ -493,9 +532,9 @@ __global__ void __launch_bounds__(Config::kThreads)
       result.elements[1] = ElementTraits<T>::from_float(sum.y);
       result.elements[2] = ElementTraits<T>::from_float(sum.z);
       result.elements[3] = ElementTraits<T>::from_float(sum.w);
-      store_vector<T, 4>(static_cast<T*>(params.out) + (out_row0 + row) * DV + column, result);
+      store_vector<T, 4>(static_cast<T*>(params.out) + out_row(row) * DV + column, result);
     } else {
-      const int64_t partial_row = int64_t{split} * params.batch * params.num_q_heads + out_row0 + row;
+      const int64_t partial_row = int64_t{split} * rows_total + out_row(row);
       *reinterpret_cast<float4*>(params.partial_out + partial_row * DV + column) = sum;
     }
   }
