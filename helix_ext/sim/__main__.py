@@ -37,7 +37,12 @@ def parse_tokens(text: str) -> int:
 
 
 def _options(args) -> ModelingOptions:
-    return ModelingOptions(kernel_time=args.kernel_time, mla_exchange=args.mla_exchange)
+    if args.speculate and args.accepted is None:
+        raise ValueError("--speculate K needs --accepted A: the tokens a step produces per request on average "
+                         "(1 to K + 1; the demo's prompt lookup measured 1.94 at K = 4)")
+    accepted = 1.0 if args.accepted is None else args.accepted
+    return ModelingOptions(kernel_time=args.kernel_time, mla_exchange=args.mla_exchange, draft_tokens=args.speculate,
+                           accepted_per_step=accepted)
 
 
 def _add_model_switches(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +56,11 @@ def _add_model_switches(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mla-exchange", choices=["latent", "value"], default="value",
                         help="MLA exchange width: v_head_dim (default, W_UV before the exchange, the paper's B x H x D) "
                              "or the 512-wide latent (W_UV after the merge, as helix_ext.parallel does today)")
+    parser.add_argument("--speculate", type=int, default=0, metavar="K",
+                        help="speculative decoding: K drafts verified per step (each layer runs K + 1 tokens per "
+                             "request; attention reads the KV once for them); default 0, off")
+    parser.add_argument("--accepted", type=float, default=None, metavar="A",
+                        help="with --speculate: tokens a step produces per request on average, in [1, K + 1]")
 
 
 def main(argv: list[str] | None = None) -> int:

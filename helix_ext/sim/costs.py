@@ -67,12 +67,20 @@ class ModelingOptions:
       to all of its heads before the exchange) or "latent" (kv_lora_rank wide, 4x the traffic
       for DeepSeek; W_UV runs after the merge on the TP = N head slice, as helix_ext.parallel
       does today).
+    draft_tokens, accepted_per_step: speculative decoding. Each step runs 1 + draft_tokens
+      tokens per request through every layer (the projections, FFN, exchange and all-reduces
+      carry that many tokens; attention reads each request's KV once for all of them, with that
+      many times the FLOPs) and produces accepted_per_step of them on average (in [1, 1 +
+      draft_tokens]), so the token-to-token latency is the step time / accepted_per_step.
+      0 drafts (the default): plain decoding.
     """
 
     precision: Precision = field(default_factory=Precision)
     kernel_time: str = "max"
     max_hopb_chunks: int = 32
     mla_exchange: str = "value"
+    draft_tokens: int = 0
+    accepted_per_step: float = 1.0
 
     def __post_init__(self):
         if self.kernel_time not in ("max", "sum"):
@@ -81,6 +89,11 @@ class ModelingOptions:
             raise ValueError(f"mla_exchange: expected 'latent' or 'value', got {self.mla_exchange!r}")
         if self.max_hopb_chunks < 1:
             raise ValueError(f"max_hopb_chunks: expected >= 1, got {self.max_hopb_chunks}")
+        if self.draft_tokens < 0:
+            raise ValueError(f"draft_tokens: expected >= 0, got {self.draft_tokens}")
+        if not 1.0 <= self.accepted_per_step <= 1 + self.draft_tokens:
+            raise ValueError(f"accepted_per_step: expected in [1, 1 + draft_tokens = {1 + self.draft_tokens}] (tokens "
+                             f"a step produces per request), got {self.accepted_per_step}")
 
 
 # ------------------------------------------------------------------------------ Appendix A

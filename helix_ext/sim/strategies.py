@@ -158,6 +158,10 @@ def evaluate(model: ModelSpec, hw: HardwareSpec, configs: Configs, batch, contex
     stage_gpus = gpus / pp
     micro = np.ceil(batch / pp)               # requests per pipeline pass (the whole batch unless PP)
     attn_batch = np.ceil(micro / dpa)         # requests one attention group serves
+    # Speculative decoding: every request runs `span` tokens through each layer per step (the
+    # KV is read once for all of them); `micro_tokens` / `attn_tokens`: tokens, not requests.
+    span = 1.0 + options.draft_tokens
+    micro_tokens, attn_tokens = micro * span, attn_batch * span
     kv_heads = np.ceil(k / tpa)               # KV heads per GPU (> K/TPA: duplicated)
     q_heads = np.ceil(hq / tpa)
     o_split = stage_gpus if strategy == "Helix" else tpa
@@ -168,21 +172,21 @@ def evaluate(model: ModelSpec, hw: HardwareSpec, configs: Configs, batch, contex
     uv_early = options.mla_exchange == "value"
     proj_params = (model.attn_replicated_params + model.attn_q_head_params * q_heads / hq
                    + kv_heads * model.attn_kv_head_params_per_head)
-    t_uv_early = gemm(model.attn_uv_params * q_heads / hq, attn_batch) if uv_early else 0.0
-    t_proj = gemm(proj_params, attn_batch)
+    t_uv_early = gemm(model.attn_uv_params * q_heads / hq, attn_tokens) if uv_early else 0.0
+    t_proj = gemm(proj_params, attn_tokens)
     local_context = context / kvp
     kv_read = attn_batch * kv_heads * model.kv_elements_per_head * local_context * prec.kv_bytes
-    attn_flops = attn_batch * q_heads * local_context * model.attention_flops_per_head_token
+    attn_flops = attn_tokens * q_heads * local_context * model.attention_flops_per_head_token
     t_attn = kernel_time(kv_read, attn_flops, bw_attention, rate, mode)
     t_attn = t_attn + t_uv_early
     partial_width = model.value_dim if uv_early else model.attention_out_dim
-    partial_bytes = micro * q_heads * (partial_width * act + lse)  # one rank's partials, whole batch
+    partial_bytes = micro_tokens * q_heads * (partial_width * act + lse)  # one rank's partials, whole batch
     if strategy == "Helix":
         exchange_bytes = np.where(kvp > 1, partial_bytes * (kvp - 1) / kvp, 0.0)
         t_attn = hopb_exchange_time(t_attn, exchange_bytes, hw, micro, hopb, options.max_hopb_chunks)
     elif strategy == "Medha":
         t_attn = t_attn + all_gather_time(hw, kvp, partial_bytes * kvp)
-    o_tokens = micro if strategy in ("Helix", "Medha") else attn_batch
+    o_tokens = micro_tokens if strategy in ("Helix", "Medha") else attn_tokens
     o_params = (model.o_proj_params + (0 if uv_early else model.attn_uv_params)) / o_split
     t_o = gemm(o_params, o_tokens)
     ar_ranks = stage_gpus if strategy == "Helix" else tpa
@@ -190,22 +194,23 @@ def evaluate(model: ModelSpec, hw: HardwareSpec, configs: Configs, batch, contex
     attention_part = t_proj + t_attn + t_o
 
     # ---- FFN phase (tokens: the whole (micro)batch; Medha's KVP groups each run it all)
-    ffn_all_reduce = all_reduce_time(hw, ffn_group, micro * h * act)
-    dense_time = gemm(model.dense_ffn_params / ffn_group, micro)
+    ffn_all_reduce = all_reduce_time(hw, ffn_group, micro_tokens * h * act)
+    dense_time = gemm(model.dense_ffn_params / ffn_group, micro_tokens)
     if strategy == "EP":  # tokens from every DP group gathered for TP = N, then scattered back
-        dense_time = dense_time + 2 * all_gather_time(hw, stage_gpus, micro * h * act)
+        dense_time = dense_time + 2 * all_gather_time(hw, stage_gpus, micro_tokens * h * act)
     else:
         dense_time = dense_time + ffn_all_reduce
     if model.is_moe:
         experts_on_gpu = np.ceil(model.num_experts / ep)
-        read = expected_distinct_experts(experts_on_gpu, model.num_experts, model.top_k, micro)
+        read = expected_distinct_experts(experts_on_gpu, model.num_experts, model.top_k, micro_tokens)
         routed = kernel_time(read * model.expert_params / tpf * prec.weight_bytes,
-                             2.0 * micro * model.top_k * model.expert_params / ffn_group, bw_gemm, rate, mode)
-        shared = gemm(model.num_shared_experts * model.expert_params / ffn_group, micro)
-        router_tokens = attn_batch / tpa if strategy == "EP" else micro
+                             2.0 * micro_tokens * model.top_k * model.expert_params / ffn_group, bw_gemm, rate, mode)
+        shared = gemm(model.num_shared_experts * model.expert_params / ffn_group, micro_tokens)
+        router_tokens = attn_tokens / tpa if strategy == "EP" else micro_tokens
         moe_time = routed + shared + gemm(model.router_params, router_tokens)
         if strategy == "EP":  # all-to-all dispatch and combine; at most an all-gather's volume
-            sent = np.minimum(micro * model.top_k * tpf / stage_gpus, micro) * (stage_gpus - 1) / stage_gpus * h * act
+            sent = (np.minimum(micro_tokens * model.top_k * tpf / stage_gpus, micro_tokens) * (stage_gpus - 1)
+                    / stage_gpus * h * act)
             moe_time = moe_time + 2 * all_to_all_time(hw, stage_gpus, sent)
         else:
             moe_time = moe_time + ffn_all_reduce
@@ -214,8 +219,9 @@ def evaluate(model: ModelSpec, hw: HardwareSpec, configs: Configs, batch, contex
 
     step = model.num_dense_layers * (attention_part + dense_time) + model.num_moe_layers * (attention_part + moe_time)
     layers_per_stage = np.ceil(model.num_layers / pp)
-    hop = np.where(pp > 1, p2p_time(hw, micro * h * act), 0.0)
-    ttl = pp * (step * layers_per_stage / model.num_layers + hop)
+    hop = np.where(pp > 1, p2p_time(hw, micro_tokens * h * act), 0.0)
+    # Token-to-token latency: a step's time over the tokens it produces per request.
+    ttl = pp * (step * layers_per_stage / model.num_layers + hop) / options.accepted_per_step
 
     # ---- memory per GPU (the fullest pipeline stage)
     attn_weights = proj_params + (model.attn_uv_params * q_heads / hq if uv_early else 0.0) + o_params
