@@ -138,6 +138,9 @@ def command_model_demo(args) -> int:
     if args.max_new_tokens < 1:
         print("--max-new-tokens must be >= 1", file=sys.stderr)
         return 2
+    if not 0 <= args.speculate <= 8:
+        print("--speculate must be in 1-8 (drafts per step; 0 = off)", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         kvp, tpa = layout_from_args(args, MODEL_HEADS[1], default=(2, 3))
@@ -148,13 +151,13 @@ def command_model_demo(args) -> int:
         launched = torchrun_environment()
         if launched is None:
             report = run_model_demo(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, timeout_s=args.timeout,
-                                    verbose=not args.json, device=args.device, dtype=dtype)
+                                    verbose=not args.json, device=args.device, dtype=dtype, speculate=args.speculate)
         else:  # every rank loads the model and runs the reference on its own device
             backend = choose_backend(local_world_size(helix.world_size), args.device)
             check_cuda_graphs(helix, backend)
             rank_dtype, reference_device = model_precision(backend, dtype, launched[0])
             run, context = prepare(args.prompt, args.max_new_tokens, args.ffn_fp4, helix, False, rank_dtype,
-                                   reference_device)
+                                   reference_device, args.speculate)
             start = time.perf_counter()
             gathered = run_under_torchrun(run_model_rank, helix.world_size, (run,), backend=backend,
                                           timeout_s=args.timeout)
@@ -241,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="smollm2: the user message (chat template applied); default: ~3,600 tokens of Python "
                            "documentation with a fact hidden in the middle and a question about it at the end")
     demo.add_argument("--max-new-tokens", type=int, default=32, help="smollm2: tokens to generate (default 32)")
+    demo.add_argument("--speculate", type=int, default=0, metavar="K",
+                      help="smollm2: speculative decoding, K = 1-8 prompt-lookup drafts verified per Helix step, "
+                           "still checked token for token against transformers' plain greedy generate (default off)")
     demo.add_argument("--ffn-fp4", choices=["none", "nvfp4", "mxfp4"], default="none",
                       help="smollm2: FFN weights quantized with quantize_fp4 and run by fp4_grouped_gemm (default none)")
     demo.add_argument("--tpf", type=int, default=None, help="MoE: tensor-parallel ranks per expert (default N / ep)")

@@ -113,8 +113,11 @@ class HelixDecoder:
 
     def __init__(self, model: ModelConfig, config: HelixConfig, rank: int, groups: HelixGroups,
                  context_lengths: list[int], max_new_tokens: int, device: torch.device,
-                 weights: dict | None = None, context=None):
-        """weights: the whole model's weights by helix name (default: drawn from model.seed),
+                 weights: dict | None = None, context=None, max_step_tokens: int = 1):
+        """max_step_tokens: the most tokens a step takes per sequence (speculative decoding: the
+        last accepted token and up to max_step_tokens - 1 drafts; the cache keeps room for the
+        drafts of the last step beyond max_new_tokens).
+        weights: the whole model's weights by helix name (default: drawn from model.seed),
         with optional precomputed FP4 FFN codes under "layers.{i}.ffn.fp4"; context(layer,
         sequence, block) -> (keys [n, Hkv, Dk], values [n, Hkv, Dv] or None) of all KV heads
         (default: synthesized), e.g. a prefill's cache; only the blocks this rank owns are asked for."""
@@ -123,7 +126,11 @@ class HelixDecoder:
         if dist.get_world_size() != config.world_size:
             raise ValueError(f"the process group has {dist.get_world_size()} ranks, the Helix config needs "
                              f"kvp x tpa = {config.world_size}")
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.model, self.config, self.rank, self.groups, self.device = model, config, rank, groups, device
+        self.max_step_tokens = max_step_tokens
+        self._graph_step_tokens = None  # cuda_graphs: the tokens per sequence the graph was captured for
         self.layout = RankLayout(rank, config, model.num_q_heads, model.attention_kv_heads)
         self.timers = PhaseTimers(device)
         full = weights if weights is not None else make_weights(model)
@@ -134,7 +141,8 @@ class HelixDecoder:
             num_layers=model.num_layers, batch=len(context_lengths), num_kv_heads=len(self.layout.kv_heads),
             head_dim_k=dim_k, head_dim_v=None if model.mla else dim_v, block_size=config.tokens_per_block,
             kvp=config.kvp, kvp_index=self.layout.kvp_index,
-            capacity_tokens=[n + max_new_tokens for n in context_lengths], dtype=model.dtype, device=device)
+            capacity_tokens=[n + max_new_tokens + max_step_tokens - 1 for n in context_lengths], dtype=model.dtype,
+            device=device)
         kv = self.layout.kv_heads
 
         def synthesized(layer, sequence, block):
@@ -154,7 +162,8 @@ class HelixDecoder:
         self._bytes_per_step = 0
         self._replays: list = []  # events of the replays in flight (at most two)
         self.exchange = make_exchange(config.exchange, self.layout.exchange_head_counts(), self.layout.kvp_index,
-                                      groups.kvp, max_batch=len(context_lengths), head_dim=dim_v, dtype=model.dtype,
+                                      groups.kvp, max_batch=len(context_lengths) * max_step_tokens, head_dim=dim_v,
+                                      dtype=model.dtype,
                                       device=device, max_chunks=config.hopb_chunks, timeout_s=config.exchange_timeout_s)
         # The TP all-reduces: over the same peer memory as the fused exchange, else a collective.
         self.peer_all_reduce = None
@@ -162,7 +171,8 @@ class HelixDecoder:
             from helix_ext.parallel.fused_exchange import PeerAllReduce
 
             self.peer_all_reduce = PeerAllReduce(groups.world, rank, config.world_size,
-                                                 len(context_lengths) * model.hidden_size, model.dtype, device,
+                                                 len(context_lengths) * max_step_tokens * model.hidden_size,
+                                                 model.dtype, device,
                                                  config.exchange_timeout_s, self.exchange.error[1:])
 
     # ------------------------------------------------------------------ weight shards
@@ -213,7 +223,7 @@ class HelixDecoder:
 
     # ------------------------------------------------------------------ attention
     def _qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor, rope):
-        """(queries [B, Hq_local, Dk], keys [B, Hkv_local, Dk], values or None) of the new token;
+        """(queries [B * T, Hq_local, Dk], keys [B * T, Hkv_local, Dk], values or None) of the new tokens;
         rope: the step's (cos, sin) tables (rope_cos_sin), shared by every layer."""
         m, w, p = self.model, self.w, f"layers.{layer}."
         if m.mla:
@@ -232,8 +242,14 @@ class HelixDecoder:
             q, k, v = self._qkv(layer, h, positions, rope)
             cache.write(layer, slots, k, v)
         dim_v = m.cache_head_dims[1]
+        # T tokens per sequence (speculative decoding): q [B, T, H, Dk], each token seeing the
+        # shard's keys up to its own position (query_key_lens); the exchange moves B * T rows.
+        lens = slots.query_key_lens
+        count = 1 if lens is None else lens.shape[1]
+        if lens is not None:
+            q = q.view(-1, count, *q.shape[1:])
         # HOP-B chunks of the batch (host ints: the first ones one row larger, empty ones dropped).
-        sizes = [s for s in even_split(x.shape[0], self.config.hopb_chunks) if s]
+        sizes = [s for s in even_split(q.shape[0], self.config.hopb_chunks) if s]
         handles, merged = [], []
         self.exchange.begin_layer()
         for b0, size in zip(split_offsets(sizes), sizes):
@@ -241,7 +257,10 @@ class HelixDecoder:
             with self.timers.phase("attention"):
                 out, lse = flash_decode(q[b0:b1].contiguous(), cache.keys[layer],
                                         None if m.mla else cache.values[layer], cache.block_table[b0:b1],
-                                        cache.seq_lens[b0:b1], m.softmax_scale, dim_v if m.mla else -1)
+                                        cache.seq_lens[b0:b1], m.softmax_scale, dim_v if m.mla else -1,
+                                        query_key_lens=None if lens is None else lens[b0:b1])
+                if lens is not None:
+                    out, lse = out.flatten(0, 1), lse.flatten(0, 1)
             with self.timers.phase("exchange"):
                 handles.append(self.exchange.start(out, lse))  # overlaps the next chunk's attention
         with self.timers.phase("exchange"):
@@ -282,8 +301,19 @@ class HelixDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """Decode one token per sequence (tokens [B] on the rank's device, at positions[b]):
-        logits [B, vocab] fp32."""
-        self.cache.advance(positions)  # host bookkeeping (ints) and checks, before any device work
+        logits [B, vocab] fp32. Or T tokens per sequence (tokens [B, T], T <= max_step_tokens,
+        at positions[b] + [0, T): speculative decoding's last accepted token and its drafts):
+        logits [B, T, vocab], each token attending causally to the ones before it; then
+        rollback() drops the rejected ones."""
+        count = 1 if tokens.dim() == 1 else tokens.shape[1]
+        if not 1 <= count <= self.max_step_tokens:
+            raise ValueError(f"HelixDecoder: a step takes 1 to max_step_tokens = {self.max_step_tokens} tokens per "
+                             f"sequence, got {count}")
+        if self.config.cuda_graphs and self._graph_step_tokens not in (None, tokens.shape):
+            raise ValueError(f"HelixDecoder: with cuda_graphs every step has the captured shape "
+                             f"{tuple(self._graph_step_tokens)}, got {tuple(tokens.shape)}")
+        self._graph_step_tokens = tokens.shape
+        self.cache.advance(positions, count)  # host bookkeeping (ints) and checks, before any device work
         if not self.config.cuda_graphs:
             logits = self._device_step(tokens)
         elif self._graph_stream is None:
@@ -295,16 +325,24 @@ class HelixDecoder:
         self.exchange.end_step()  # the step's only look at the device-side error flags (exchange, all-reduce)
         return logits
 
+    def rollback(self, kept: list[int]) -> None:
+        """After a step of T tokens per sequence: keep the first kept[b] of sequence b's (the
+        last accepted token and its accepted drafts) and drop the rejected drafts' KV on their
+        owners, so the cache is what plain decoding of the kept tokens leaves."""
+        self.cache.rollback(kept)
+
     def _device_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The step's device work: no host value, no host sync, fixed shapes (what a graph captures)."""
         m, w = self.model, self.w
-        slots = self.cache.step_slots()
-        x = w["embed"][tokens.to(self.device)]  # tokens already on the device: no copy
+        count = 1 if tokens.dim() == 1 else tokens.shape[1]
+        slots = self.cache.step_slots() if count == 1 else self.cache.step_slots(count)
+        x = w["embed"][tokens.to(self.device).flatten()]  # tokens already on the device: no copy; [B * T, hidden]
         rope = None if m.mla else rope_cos_sin(slots.positions, self.rope_inverse)  # once per step, not per layer
         for layer in range(m.num_layers):
             x = x + self._attention(layer, x, slots.positions, slots, rope)
             x = x + self._ffn(layer, x)
-        return self._lm_head(rms_norm(x, w["final_norm"], m.rms_eps))
+        logits = self._lm_head(rms_norm(x, w["final_norm"], m.rms_eps))
+        return logits if tokens.dim() == 1 else logits.view(*tokens.shape, -1)
 
     def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """logits [B, vocab] fp32 from the rank's vocabulary shard of the LM head: every rank

@@ -132,11 +132,15 @@ class DryRunReport:
 
 
 def dry_run_rank(model, helix: HelixConfig, rank: int, context_lengths: list[int], steps: int = 2,
-                 device: torch.device | None = None) -> DryRunReport:
+                 device: torch.device | None = None, step_tokens: int = 1) -> DryRunReport:
     """Rank `rank`'s decoder on fake CUDA tensors over a fake process group: build it, then run
     `steps` decode steps under StepChecker (with helix.cuda_graphs: an eager step, the capture
     and replays, each replay checked against the capture). Raises DryRunViolation (or the op's
-    own error) on the first thing the GPU path must not do."""
+    own error) on the first thing the GPU path must not do. step_tokens > 1: speculative
+    decoding's steps of that many tokens per sequence, each followed by a rollback that keeps
+    1 to step_tokens of them (a fixed pattern: fake logits have no values to verify drafts
+    with); the rollback and the next step's drafts are host work between steps, outside the
+    checker, like the drafting and verification they stand for."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from helix_ext.parallel.decoder import HelixDecoder, HelixGroups
@@ -151,14 +155,23 @@ def dry_run_rank(model, helix: HelixConfig, rank: int, context_lengths: list[int
         layer = DryRuntime(tracer=checker, violation=DryRunViolation)
         with FakeTensorMode(allow_non_fake_inputs=True), use_runtime(layer), checker:
             groups = HelixGroups(helix, rank)
-            decoder = HelixDecoder(model, helix, rank, groups, context_lengths, steps, device)
-            tokens = torch.zeros(len(context_lengths), dtype=torch.int64, device=device)
+            decoder = HelixDecoder(model, helix, rank, groups, context_lengths, steps * step_tokens, device,
+                                   max_step_tokens=step_tokens)
+            shape = (len(context_lengths),) if step_tokens == 1 else (len(context_lengths), step_tokens)
+            tokens = torch.zeros(shape, dtype=torch.int64, device=device)
             positions = list(context_lengths)
             checker.armed = True
-            for _ in range(steps):
+            for step in range(steps):
                 logits = decoder.step(tokens, positions)
                 tokens = logits.argmax(dim=-1)  # stays on the device: the next step's input
-                positions = [p + 1 for p in positions]
+                if step_tokens == 1:
+                    positions = [p + 1 for p in positions]
+                    continue
+                checker.armed = False
+                kept = [1 + (step + b) % step_tokens for b in range(len(positions))]
+                decoder.rollback(kept)
+                positions = [p + k for p, k in zip(positions, kept)]
+                checker.armed = True
             checker.armed = False
         return DryRunReport(rank=rank, steps=steps, ops_per_step=checker.ops / max(1, steps),
                             device_calls=dict(layer.calls))
@@ -166,6 +179,8 @@ def dry_run_rank(model, helix: HelixConfig, rank: int, context_lengths: list[int
         dist.destroy_process_group()
 
 
-def dry_run(model, helix: HelixConfig, context_lengths: list[int], steps: int = 2) -> list[DryRunReport]:
+def dry_run(model, helix: HelixConfig, context_lengths: list[int], steps: int = 2,
+            step_tokens: int = 1) -> list[DryRunReport]:
     """Every rank's view of the GPU path, one after another (see dry_run_rank)."""
-    return [dry_run_rank(model, helix, rank, context_lengths, steps) for rank in range(helix.world_size)]
+    return [dry_run_rank(model, helix, rank, context_lengths, steps, step_tokens=step_tokens)
+            for rank in range(helix.world_size)]

@@ -29,10 +29,13 @@ class StepSlots:
     trash block when not owned) and the offset in it; and, from begin_step, the host list of
     the sequences this rank owns a token of."""
 
-    physical: torch.Tensor   # [B] int64
-    offset: torch.Tensor     # [B] int64
-    positions: torch.Tensor  # [B] int64: this step's positions (RoPE)
+    physical: torch.Tensor   # [B * T] int64 (T: the step's tokens per sequence)
+    offset: torch.Tensor     # [B * T] int64
+    positions: torch.Tensor  # [B * T] int64: this step's positions (RoPE)
     sequences: list[int] | None = None
+    # T > 1 (speculative decoding): [B, T] int32, the keys of this rank's shard that each of the
+    # step's tokens sees (its own and the earlier ones, wherever they are owned); None for T = 1.
+    query_key_lens: torch.Tensor | None = None
 
 
 class HelixKVCache:
@@ -63,6 +66,7 @@ class HelixKVCache:
         self.block_table = table.to(device)
         self._lengths = [0] * batch               # host copy: tokens held per sequence
         self._next_positions: list[int] | None = None  # host copy: the next step's positions
+        self._step: tuple[list[int], int] | None = None  # host copy: the last step's positions and T
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=device)  # the next step's positions
 
@@ -115,25 +119,48 @@ class HelixKVCache:
         slots.sequences = sequences
         return slots
 
-    def advance(self, positions: list[int]) -> list[int]:
+    def advance(self, positions: list[int], count: int = 1) -> list[int]:
         """The step's host bookkeeping, in ints: checks `positions` follow the previous step's
-        and fit the capacity, then counts the owned tokens as held. Returns the sequences this
-        rank owns a token of. A CUDA graph replays step_slots(); this runs before each replay."""
+        and that the step's tokens (count per sequence, at positions[b] ...) fit the capacity,
+        then counts the owned ones as held. Returns the sequences this rank owns a token of. A
+        CUDA graph replays step_slots(); this runs before each replay."""
         if self._next_positions is not None and list(positions) != self._next_positions:
             raise ValueError(f"HelixKVCache: a step must decode the positions after the previous ones "
                              f"({self._next_positions}), got {list(positions)}")
-        sequences = [b for b, position in enumerate(positions) if self.owns(position)]
-        for b in sequences:
-            self._slot(b, positions[b])  # the capacity check, before anything changes
-        for b in sequences:
-            self._lengths[b] += 1
-        self._next_positions = [p + 1 for p in positions]
-        return sequences
+        owned = [[p for p in range(start, start + count) if self.owns(p)] for start in positions]
+        for b, mine in enumerate(owned):
+            for position in mine:
+                self._slot(b, position)  # the capacity check, before anything changes
+        for b, mine in enumerate(owned):
+            self._lengths[b] += len(mine)
+        self._next_positions = [p + count for p in positions]
+        self._step = (list(positions), count)
+        return [b for b, mine in enumerate(owned) if mine]
 
-    def step_slots(self) -> StepSlots:
+    def rollback(self, kept: list[int]) -> None:
+        """After a step of T tokens per sequence, keep the first kept[b] (1 <= kept[b] <= T) of
+        sequence b's and drop the rest (rejected drafts): their owners count them as not held,
+        and the next step starts after the kept ones. The dropped entries stay in their slots
+        until the next tokens overwrite them; flash_decode never reads past seq_lens."""
+        if self._step is None:
+            raise RuntimeError("HelixKVCache: rollback needs a step to roll back")
+        positions, count = self._step
+        if len(kept) != len(positions) or any(not 1 <= k <= count for k in kept):
+            raise ValueError(f"HelixKVCache: kept must hold one count in [1, {count}] per sequence, got {kept}")
+        for b, (start, keep) in enumerate(zip(positions, kept)):
+            self._lengths[b] -= sum(1 for p in range(start + keep, start + count) if self.owns(p))
+        self._next_positions = [start + keep for start, keep in zip(positions, kept)]
+        self._step = None
+        if any(k != count for k in kept):  # the device copies only when something was dropped
+            self.seq_lens.copy_(torch.tensor(self._lengths, dtype=torch.int32))
+            self.positions.copy_(torch.tensor(self._next_positions, dtype=torch.int64))
+
+    def step_slots(self, count: int = 1) -> StepSlots:
         """The step's device work, no host value in it (a CUDA graph captures it once): this
-        step's positions, then positions and seq_lens advance for the next; where each token
-        goes (owned ones in their slots, the others in the trash block)."""
+        step's positions (count per sequence), then positions and seq_lens advance for the next;
+        where each token goes (owned ones in their slots, the others in the trash block)."""
+        if count > 1:
+            return self._multi_token_slots(count)
         step_positions = self.positions.clone()
         self.positions += 1
         blocks = torch.div(step_positions, self.block_size, rounding_mode="floor")
@@ -144,8 +171,31 @@ class HelixKVCache:
         physical = torch.where(owned, mapped, torch.full_like(mapped, self.trash_block))
         return StepSlots(physical, torch.remainder(step_positions, self.block_size), step_positions)
 
+    def _multi_token_slots(self, count: int) -> StepSlots:
+        """step_slots for count > 1 tokens per sequence, at positions[b] + [0, count): a step may
+        cross a block boundary, so its tokens may have two owners. Token i of sequence b sees
+        the shard's keys up to its own position: the keys held before the step plus this rank's
+        share of tokens 0..i."""
+        step_positions = self.positions.unsqueeze(1) + torch.arange(count, device=self.positions.device)  # [B, T]
+        self.positions += count
+        blocks = torch.div(step_positions, self.block_size, rounding_mode="floor")
+        owned = torch.remainder(blocks, self.kvp) == self.kvp_index
+        query_key_lens = (self.seq_lens.unsqueeze(1) + owned.to(torch.int32).cumsum(1)).to(torch.int32)
+        self.seq_lens += owned.to(torch.int32).sum(1, dtype=torch.int32)
+        local = torch.div(blocks, self.kvp, rounding_mode="floor").clamp(max=self.max_blocks - 1)
+        mapped = self.block_table.gather(1, local).to(torch.int64)
+        physical = torch.where(owned, mapped, torch.full_like(mapped, self.trash_block))
+        return StepSlots(physical.flatten(), torch.remainder(step_positions, self.block_size).flatten(),
+                         step_positions.flatten(), query_key_lens=query_key_lens)
+
+    def held_keys(self, layer: int, sequence: int) -> torch.Tensor:
+        """The K entries this rank holds of a sequence, in the shard's order: [held, H, Dk]."""
+        count, blocks = self._lengths[sequence], self._table[sequence]
+        rows = [self.keys[layer][blocks[i // self.block_size], i % self.block_size] for i in range(count)]
+        return torch.stack(rows) if rows else self.keys[layer].new_zeros(0, *self.keys[layer].shape[2:])
+
     def write(self, layer: int, slots: StepSlots, keys: torch.Tensor, values: torch.Tensor | None) -> None:
-        """Store this step's entries (keys [B, H, Dk], values [B, H, Dv]): owned tokens in their
+        """Store this step's entries (keys [B * T, H, Dk], values [B * T, H, Dv]): owned tokens in their
         slots, the others in the trash block (one indexed write per tensor, no host loop)."""
         self.keys[layer][slots.physical, slots.offset] = keys.to(self.keys[layer].dtype)
         if self.values is not None:

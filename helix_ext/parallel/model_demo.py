@@ -63,6 +63,8 @@ class ModelRun:
     first_token: int
     max_new_tokens: int
     eos_token_id: int | None
+    prompt_ids: list[int] | None = None  # the drafts' source (speculation)
+    speculate: int = 0            # drafts verified per Helix step (prompt lookup; 0 = plain decoding)
 
 
 def run_model_rank(rank: int, backend: str, run: ModelRun) -> dict:
@@ -76,20 +78,35 @@ def run_model_rank(rank: int, backend: str, run: ModelRun) -> dict:
         return run.keys[layer][rows], run.values[layer][rows]
 
     decoder = HelixDecoder(run.model, run.helix, rank, groups, [prompt_tokens], run.max_new_tokens, device,
-                           weights=run.weights, context=prefill_block)
-    # Greedy decoding that never waits for the device: the next token stays there (argmax of
-    # the step's logits), every step runs (an EOS is cut after the run), and the tokens and
-    # logits are read once at the end.
-    token = torch.tensor([run.first_token], device=device)  # set-up: copied once
-    tokens, logits = [], []
+                           weights=run.weights, context=prefill_block, max_step_tokens=run.speculate + 1)
     start = time.perf_counter()
-    for step in range(run.max_new_tokens - 1):
-        step_logits = decoder.step(token, [prompt_tokens + step])[0]
-        token = step_logits.argmax(dim=-1, keepdim=True)
-        tokens.append(token)
-        logits.append(step_logits)
-    generated = [run.first_token] + (torch.cat(tokens).tolist() if tokens else [])  # waits for the device
+    accepted_per_step = None
+    if run.speculate:
+        # Speculative decoding: each step verifies run.speculate prompt-lookup drafts (the host
+        # reads every step's logits to accept or reject them).
+        from helix_ext.parallel.speculative import speculative_generate
+
+        result = speculative_generate(decoder, [run.first_token], [prompt_tokens], run.max_new_tokens - 1,
+                                      run.speculate, histories=[list(run.prompt_ids) + [run.first_token]],
+                                      keep_logits=True)
+        generated = [run.first_token] + result.tokens[0]
+        logits = list(torch.cat(result.logits[0])[:run.max_new_tokens - 1]) if result.logits[0] else []
+        steps_run, accepted_per_step = result.steps, [row[0] for row in result.accepted_per_step]
+    else:
+        # Greedy decoding that never waits for the device: the next token stays there (argmax of
+        # the step's logits), every step runs (an EOS is cut after the run), and the tokens and
+        # logits are read once at the end.
+        token = torch.tensor([run.first_token], device=device)  # set-up: copied once
+        tokens, logits = [], []
+        for step in range(run.max_new_tokens - 1):
+            step_logits = decoder.step(token, [prompt_tokens + step])[0]
+            token = step_logits.argmax(dim=-1, keepdim=True)
+            tokens.append(token)
+            logits.append(step_logits)
+        generated = [run.first_token] + (torch.cat(tokens).tolist() if tokens else [])  # waits for the device
+        steps_run = len(tokens)
     decode_seconds = time.perf_counter() - start
+    tokens_decoded = len(generated) - 1
     if run.eos_token_id in generated:  # as generate stops: the EOS is the last token
         generated = generated[:generated.index(run.eos_token_id) + 1]
     result = {
@@ -103,7 +120,9 @@ def run_model_rank(rank: int, backend: str, run: ModelRun) -> dict:
         "exchange_bytes_sent": decoder.exchange.bytes_sent,
         "decode_seconds": decode_seconds,
         "device": str(device),
-        "steps_run": len(tokens),  # every step runs, also past an EOS: the KV, bytes and times count them all
+        "steps_run": steps_run,  # every step runs, also past an EOS: the KV, bytes and times count them all
+        "tokens_decoded": tokens_decoded,  # the tokens those steps made (more than the steps when speculating)
+        "accepted_per_step": accepted_per_step,  # speculation: drafts accepted at each step
     }
     if rank == 0:
         result["tokens"] = generated
@@ -123,7 +142,7 @@ def agreeing_prefix(a: list[int], b: list[int]) -> int:
 
 
 def prepare(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: HelixConfig, verbose: bool = False,
-            dtype: torch.dtype = torch.float32, device: torch.device | None = None):
+            dtype: torch.dtype = torch.float32, device: torch.device | None = None, speculate: int = 0):
     """Load the model, run transformers' reference (with the same FFN format, in `dtype` on
     `device`: float32 on the CPU, or bf16 on a GPU), and build the ranks' work (in `dtype`).
     In bf16 the reference's noise is measured too: the float32 model's logits on the bf16
@@ -163,7 +182,7 @@ def prepare(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: Hel
     del reference_model
     run = ModelRun(model=config, helix=helix, weights=weights, keys=reference.keys, values=reference.values,
                    first_token=reference.tokens[0], max_new_tokens=max_new_tokens,
-                   eos_token_id=tokenizer.eos_token_id)
+                   eos_token_id=tokenizer.eos_token_id, prompt_ids=list(ids), speculate=speculate)
     return run, context
 
 
@@ -239,8 +258,12 @@ def compare(run: ModelRun, context: dict, ranks: list[dict], helix_seconds: floa
         # Helix's decode loop on its slowest rank (every step it ran).
         "reference_decode_tokens_per_second": (reference.decode_tokens / reference.decode_seconds
                                                if reference.decode_seconds > 0 else None),
-        "helix_decode_tokens_per_second": (ranks[0]["steps_run"] / max(r["decode_seconds"] for r in ranks)
-                                           if ranks[0]["steps_run"] else None),
+        "helix_decode_tokens_per_second": (ranks[0]["tokens_decoded"] / max(r["decode_seconds"] for r in ranks)
+                                           if ranks[0]["tokens_decoded"] else None),
+        "speculate": run.speculate,
+        "helix_steps": ranks[0]["steps_run"],
+        "accepted_per_step": ranks[0]["accepted_per_step"],
+        "helix_decode_seconds": max(r["decode_seconds"] for r in ranks),
         "helix_wall_seconds": helix_seconds,
         "tokens_per_rank": [r["kv_tokens_held"] for r in ranks],
         "ranks": [{k: v for k, v in r.items() if k not in ("tokens", "logits")} for r in ranks],
@@ -264,13 +287,13 @@ def model_precision(backend: str, dtype: torch.dtype | None = None, rank: int = 
 
 def run_model_demo(prompt: str | None, max_new_tokens: int, ffn_format: str, helix: HelixConfig,
                    timeout_s: float = 600.0, verbose: bool = False, device: str | None = None,
-                   dtype: torch.dtype | None = None) -> dict:
+                   dtype: torch.dtype | None = None, speculate: int = 0) -> dict:
     """The main job on spawned (or threaded) ranks: device as launch.choose_backend takes it
     (GPUs when the machine has them, else the CPU)."""
     backend = choose_backend(helix.world_size, device)
     check_cuda_graphs(helix, backend)
     dtype, reference_device = model_precision(backend, dtype)
-    run, context = prepare(prompt, max_new_tokens, ffn_format, helix, verbose, dtype, reference_device)
+    run, context = prepare(prompt, max_new_tokens, ffn_format, helix, verbose, dtype, reference_device, speculate)
     if verbose:
         print(f"decoding under Helix on {helix.world_size} ranks (kvp={helix.kvp} x tpa={helix.tpa}, {backend}, "
               f"{dtype})...", flush=True)
@@ -284,9 +307,9 @@ def format_model_report(report: dict) -> str:
     lines = [f"{report['model']} under Helix: {report['world_size']} ranks (kvp={report['kvp']} x tpa={report['tpa']}, "
              f"FFN TP={report['world_size']}, FFN weights {report['ffn_format']}), prompt {report['prompt_tokens']} tokens "
              f"= {report['kv_blocks']} KV blocks of {report['tokens_per_block']} dealt round-robin, "
-             f"{report['decode_steps']} Helix decode steps (the first new token comes from the prefill"
+             f"{report['decode_steps']} tokens decoded (the first new token comes from the prefill"
              + (f"; {report['decode_steps_run']} ran, the table counts them all, the text ends at the EOS)"
-                if report["decode_steps_run"] != report["decode_steps"] else ")"),
+                if report["decode_steps_run"] != report["decode_steps"] and not report["speculate"] else ")"),
              format_rank_table(report["ranks"]),
              "",
              f"Helix:        {report['generated_text']!r}",
@@ -305,6 +328,11 @@ def format_model_report(report: dict) -> str:
         lines.append(f"{report['dtype']}: transformers' bf16 noise {report['bf16_noise']:.3g} (max |bf16 - fp32 logit| "
                      f"on {report['reference_device']}); its smallest top-2 margin {report['min_top2_margin']:.3g}, "
                      + ("no near-tie" if near_tie is None else f"first within the tolerance at token {near_tie}"))
+    if report["speculate"]:
+        tokens = report["decode_steps"]
+        lines.append(f"speculation: {report['speculate']} prompt-lookup drafts a step; {report['helix_steps']} Helix "
+                     f"steps made {tokens} tokens ({tokens / max(1, report['helix_steps']):.2f} per step; drafts "
+                     f"accepted per step: {report['accepted_per_step']}); decode {report['helix_decode_seconds']:.2f} s")
     helix_rate, reference_rate = report["helix_decode_tokens_per_second"], report["reference_decode_tokens_per_second"]
     if helix_rate and reference_rate:
         lines.append(f"decode rate (prefill excluded): Helix {helix_rate:.2f} tokens/s (slowest rank), transformers "

@@ -44,6 +44,22 @@ def test_every_rank_decodes_on_the_gpu_path(model, helix):
             assert "read_flag" not in calls
 
 
+@pytest.mark.parametrize("model, helix", [
+    (tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4, hopb_chunks=2)),
+    (tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4, exchange="fused")),
+    (tiny_deepseek(dtype=torch.bfloat16, expert_format="nvfp4"),
+     HelixConfig(kvp=4, tpa=1, tpf=2, ep=2, tokens_per_block=4, hopb_chunks=2)),
+    (tiny_llama(dtype=torch.bfloat16), HelixConfig(kvp=2, tpa=2, tokens_per_block=4, cuda_graphs=True)),
+], ids=["llama-2x2-hopb2", "llama-2x2-fused", "deepseek-mla-nvfp4-kvp4", "llama-2x2-graphs"])
+def test_speculative_steps_on_the_gpu_path(model, helix):
+    # Steps of 4 tokens per sequence (the last accepted one and 3 drafts; blocks of 4, so each
+    # step crosses an owner) with rollbacks between them: flash_decode's Q = 4 path and
+    # query_key_lens on fake CUDA tensors, no host sync inside a step; with cuda_graphs the
+    # rollbacks change only tensors the graph reads.
+    reports = dry_run(model, helix, LENGTHS, steps=4, step_tokens=4)
+    assert all(r.ops_per_step > 50 for r in reports)
+
+
 @pytest.mark.parametrize("ffn_format, helix", [
     ("none", HelixConfig(kvp=2, tpa=3, tokens_per_block=16, hopb_chunks=2)),  # the main job's default layout
     ("nvfp4", HelixConfig(kvp=2, tpa=3, tokens_per_block=16, hopb_chunks=2, exchange="fused")),

@@ -172,8 +172,8 @@ def test_the_main_job_runs_its_ranks_where_the_machine_allows(monkeypatch, gpus,
     monkeypatch.delenv("HELIX_RANK_DEVICE", raising=False)
     seen = {}
 
-    def prepare(prompt, max_new_tokens, ffn_format, helix, verbose, dtype, reference_device):
-        seen.update(dtype=dtype, reference_device=reference_device)
+    def prepare(prompt, max_new_tokens, ffn_format, helix, verbose, dtype, reference_device, speculate):
+        seen.update(dtype=dtype, reference_device=reference_device, speculate=speculate)
         return "run", "context"
 
     def spawn(fn, world_size, args, backend, timeout_s):
@@ -186,6 +186,7 @@ def test_the_main_job_runs_its_ranks_where_the_machine_allows(monkeypatch, gpus,
     helix = HelixConfig(kvp=2, tpa=3)
     assert model_demo.run_model_demo(None, 4, "none", helix, device=device) == "report"
     assert (seen["backend"], seen["dtype"], seen["reference_device"]) == expected and seen["world_size"] == 6
+    assert seen["speculate"] == 0
 
 
 def test_the_host_waits_for_an_event_within_its_deadline_only():

@@ -46,13 +46,31 @@ NEW_TOKENS = 16
 
 
 def _run(kvp: int, tpa: int, ffn_format: str = "none", hopb_chunks: int = 2, exchange: str = "nccl",
-         dtype: torch.dtype | None = None) -> dict:
+         dtype: torch.dtype | None = None, speculate: int = 0, prompt_characters: int = PROMPT_CHARACTERS,
+         new_tokens: int = NEW_TOKENS) -> dict:
     from helix_ext.parallel.model_demo import run_model_demo
 
     helix = HelixConfig(kvp=kvp, tpa=tpa, tokens_per_block=TOKENS_PER_BLOCK, hopb_chunks=hopb_chunks,
                         exchange=exchange)
-    return run_model_demo(hf_model.needle_prompt(PROMPT_CHARACTERS), NEW_TOKENS, ffn_format, helix, timeout_s=300,
-                          dtype=dtype)
+    return run_model_demo(hf_model.needle_prompt(prompt_characters), new_tokens, ffn_format, helix, timeout_s=300,
+                          dtype=dtype, speculate=speculate)
+
+
+@pytest.mark.parametrize("kvp, tpa, exchange", [(2, 1, "nccl"), (2, 3, "fused")])
+def test_speculative_generation_is_token_identical_with_fewer_steps(smollm2, kvp, tpa, exchange):
+    # --speculate 4: prompt-lookup drafts verified 5 tokens a step (blocks of 8: steps cross
+    # owners), rejected drafts rolled back; the answer copies the needle from the prompt, so
+    # drafts are accepted and the steps are fewer than the tokens.
+    report = _run(kvp, tpa, exchange=exchange, speculate=4, new_tokens=24)
+    assert report["generated_tokens"] == report["reference_tokens"], (
+        f"Helix {report['generated_text']!r} vs transformers {report['reference_text']!r}")
+    assert report["matches_reference"] and report["max_abs_logit_diff"] <= 1e-3
+    assert report["speculate"] == 4 and len(report["accepted_per_step"]) == report["helix_steps"]
+    assert report["helix_steps"] < report["decode_steps"], report["accepted_per_step"]
+    assert sum(report["accepted_per_step"]) + report["helix_steps"] >= report["decode_steps"]
+    # The KV the rollbacks leave: every TPA group holds the prompt and the kept tokens once.
+    kept = report["prompt_tokens"] + sum(report["accepted_per_step"]) + report["helix_steps"]
+    assert sum(report["tokens_per_rank"]) == tpa * kept
 
 
 @pytest.mark.parametrize("kvp,tpa", [(1, 1), (2, 1), (3, 1), pytest.param(4, 1, marks=pytest.mark.slow), (1, 3),
