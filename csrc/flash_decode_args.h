@@ -155,6 +155,7 @@ inline void check_flash_decode_values(const at::Tensor& block_table, const at::T
   const at::Tensor table = block_table.cpu();
   const int32_t* lens_data = lens.const_data_ptr<int32_t>();
   const int64_t capacity = block_table_capacity(shape);
+  const at::Tensor visible = query_key_lens.has_value() ? query_key_lens->cpu() : at::Tensor();
   for (int64_t b = 0; b < shape.batch; ++b) {
     const int64_t length = lens_data[b * lens.stride(0)];
     TORCH_CHECK(length >= 0 && length <= capacity, "flash_decode: seq_lens[", b, "] = ", length,
@@ -166,8 +167,7 @@ inline void check_flash_decode_values(const at::Tensor& block_table, const at::T
       TORCH_CHECK(block >= 0 && block < shape.num_blocks, "flash_decode: block_table[", b, ", ", i, "] = ", block,
                   " is not a block id in [0, num_blocks = ", shape.num_blocks, ")");
     }
-    if (!query_key_lens.has_value()) continue;
-    const at::Tensor visible = query_key_lens->cpu();
+    if (!visible.defined()) continue;
     int64_t previous = 0;
     for (int64_t i = 0; i < shape.num_queries; ++i) {
       const int64_t count = visible.const_data_ptr<int32_t>()[b * visible.stride(0) + i * visible.stride(1)];

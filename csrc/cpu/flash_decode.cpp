@@ -69,39 +69,37 @@ HELIX_VECTOR_INLINE F exp2_fraction(F f) {
   return 1.0f + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * c7))))));
 }
 
-// 2^x for x <= 0 (the probabilities of an online softmax), branch-free so the loops that
-// call it vectorize: x = n + f with n = round(x), |f| <= 1/2, 2^f by its Taylor series to
-// degree 7 (relative error < 1e-8 before rounding), 2^n built in the exponent bits. x below
-// -126 gives 0 (exp2(-inf) = 0, as for an absent key); NaN stays NaN.
-inline float exp2_nonpositive(float x) {
-  x = x < -127.0f ? -127.0f : x;  // NaN compares false and passes through
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const float shifted = x + kRound;
-  const float f = x - (shifted - kRound);
-  uint32_t shifted_bits;
-  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
-  const uint32_t exponent_bits = (shifted_bits - 0x4B400000u + 127u) << 23;  // n + 127 in the exponent
-  float two_to_n;
-  std::memcpy(&two_to_n, &exponent_bits, sizeof(two_to_n));
-  return exp2_fraction(f) * two_to_n;
-}
-
+// The unsigned integer type as wide as F (a float or a vector of floats), for its bits.
+template <typename F>
+struct BitsOf {
+  using type = uint32_t;
+};
 #if defined(__GNUC__)
-// exp2_nonpositive on 16 lanes (the same steps).
-HELIX_VECTOR_INLINE F32x16 exp2_nonpositive(F32x16 x) {
-  const F32x16 floor = F32x16{} - 127.0f;
-  x = x < floor ? floor : x;
-  constexpr float kRound = 12582912.0f;
-  const F32x16 shifted = x + kRound;
-  const F32x16 f = x - (shifted - kRound);
-  U32x16 shifted_bits;
+template <>
+struct BitsOf<F32x16> {
+  using type = U32x16;
+};
+#endif
+
+// 2^x for x <= 0 (the probabilities of an online softmax), on a float or 16 lanes of them,
+// branch-free so the loops that call it vectorize: x = n + f with n = round(x), |f| <= 1/2, 2^f
+// by its Taylor series to degree 7 (relative error < 1e-8 before rounding), 2^n built in the
+// exponent bits. x below -126 gives 0 (exp2(-inf) = 0, as for an absent key); NaN stays NaN.
+template <typename F>
+HELIX_VECTOR_INLINE F exp2_nonpositive(F x) {
+  using U = typename BitsOf<F>::type;
+  const F floor = F{} - 127.0f;
+  x = x < floor ? floor : x;  // NaN compares false and passes through
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const F shifted = x + kRound;
+  const F f = x - (shifted - kRound);
+  U shifted_bits;
   std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
-  const U32x16 exponent_bits = (shifted_bits - 0x4B400000u + 127u) << 23;
-  F32x16 two_to_n;
+  const U exponent_bits = (shifted_bits - 0x4B400000u + 127u) << 23;  // n + 127 in the exponent
+  F two_to_n;
   std::memcpy(&two_to_n, &exponent_bits, sizeof(two_to_n));
   return exp2_fraction(f) * two_to_n;
 }
-#endif
 
 // Scales the tile's first `count` rows of S[t, h] into the log2 domain in place and returns
 // each head's largest score. Scaling once, before both the max and the exponent, keeps
@@ -186,8 +184,7 @@ HELIX_CPU_CLONES void exponentiate_and_round_bf16(const float* __restrict scores
         sum += p;
         U32x16 word;
         std::memcpy(&word, &p, sizeof(word));
-        U32x16 rounded = (word + 0x7FFFu + ((word >> 16) & 1u)) >> 16;
-        rounded = p != p ? U32x16{} + kQuietNanBitsBf16 : rounded;
+        const U32x16 rounded = p != p ? U32x16{} + kQuietNanBitsBf16 : bf16_round_word(word);
         rows[j] = __builtin_convertvector(rounded, U16x16);
       }
       transpose_16x16(rows);
@@ -358,13 +355,10 @@ HELIX_VECTOR_INLINE const VectorRow<KVT>* vector_row(const KVT* row, int64_t dim
     if constexpr (std::is_same_v<KVT, uint8_t>) {
       for (; d + 32 <= dim; d += 32) {
         const U16x32 bits = fp8_e4m3_to_bf16x32(row + d);
-        const U32x16 low = __builtin_convertvector(__builtin_shufflevector(bits, bits, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                                                           10, 11, 12, 13, 14, 15), U32x16) << 16;
-        const U32x16 high = __builtin_convertvector(__builtin_shufflevector(bits, bits, 16, 17, 18, 19, 20, 21, 22,
-                                                                            23, 24, 25, 26, 27, 28, 29, 30, 31),
-                                                    U32x16) << 16;
-        std::memcpy(widened + d, &low, sizeof(low));
-        std::memcpy(widened + d + 16, &high, sizeof(high));
+        store_f32x16(widened + d, widen_bf16x16(__builtin_shufflevector(bits, bits, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                        10, 11, 12, 13, 14, 15)));
+        store_f32x16(widened + d + 16, widen_bf16x16(__builtin_shufflevector(bits, bits, 16, 17, 18, 19, 20, 21,
+                                                                             22, 23, 24, 25, 26, 27, 28, 29, 30, 31)));
       }
     }
 #endif

@@ -17,13 +17,19 @@
 
 namespace helix {
 
+// The bf16 bits (in the low half) of fp32 bits `word`, rounded to nearest even; on a uint32_t
+// or a vector of them. NaN is the caller's to replace.
+template <typename W>
+inline W bf16_round_word(W word) {
+  return (word + 0x7FFFu + ((word >> 16) & 1u)) >> 16;
+}
+
 // float -> bf16 bits, round to nearest even, NaN as the canonical quiet NaN (c10's conversion,
 // written without a branch so that loops of it vectorize).
 inline uint16_t bf16_round_bits(float value) {
   uint32_t word;
   std::memcpy(&word, &value, sizeof(word));
-  const uint32_t rounded = (word + 0x7FFFu + ((word >> 16) & 1u)) >> 16;
-  return value != value ? kQuietNanBitsBf16 : static_cast<uint16_t>(rounded);
+  return value != value ? kQuietNanBitsBf16 : static_cast<uint16_t>(bf16_round_word(word));
 }
 
 // 16 (or 8) floats as one vector (GCC's vector extension: one zmm register under AVX-512, two ymm
@@ -49,13 +55,17 @@ HELIX_VECTOR_INLINE F32x16 load_f32x16(const float* source) {
 }
 
 // 16 bf16 values (their bits) widened to float: exact.
-HELIX_VECTOR_INLINE F32x16 load_f32x16_from_bf16(const uint16_t* source) {
-  U16x16 bits;
-  std::memcpy(&bits, source, sizeof(bits));
+HELIX_VECTOR_INLINE F32x16 widen_bf16x16(U16x16 bits) {
   const U32x16 wide = __builtin_convertvector(bits, U32x16) << 16;
   F32x16 v;
   std::memcpy(&v, &wide, sizeof(v));
   return v;
+}
+
+HELIX_VECTOR_INLINE F32x16 load_f32x16_from_bf16(const uint16_t* source) {
+  U16x16 bits;
+  std::memcpy(&bits, source, sizeof(bits));
+  return widen_bf16x16(bits);
 }
 
 HELIX_VECTOR_INLINE void store_f32x16(float* destination, F32x16 v) { std::memcpy(destination, &v, sizeof(v)); }
@@ -67,6 +77,8 @@ HELIX_VECTOR_INLINE float horizontal_sum(F32x16 v) {
   const F32x4 four = __builtin_shufflevector(eight, eight, 0, 1, 2, 3) + __builtin_shufflevector(eight, eight, 4, 5, 6, 7);
   return (four[0] + four[2]) + (four[1] + four[3]);
 }
+#else
+#define HELIX_VECTOR_INLINE inline
 #endif
 
 }  // namespace helix

@@ -335,7 +335,7 @@ class HelixDecoder:
         """The step's device work: no host value, no host sync, fixed shapes (what a graph captures)."""
         m, w = self.model, self.w
         count = 1 if tokens.dim() == 1 else tokens.shape[1]
-        slots = self.cache.step_slots() if count == 1 else self.cache.step_slots(count)
+        slots = self.cache.step_slots(count)
         x = w["embed"][tokens.to(self.device).flatten()]  # tokens already on the device: no copy; [B * T, hidden]
         rope = None if m.mla else rope_cos_sin(slots.positions, self.rope_inverse)  # once per step, not per layer
         for layer in range(m.num_layers):

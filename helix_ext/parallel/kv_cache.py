@@ -157,34 +157,20 @@ class HelixKVCache:
 
     def step_slots(self, count: int = 1) -> StepSlots:
         """The step's device work, no host value in it (a CUDA graph captures it once): this
-        step's positions (count per sequence), then positions and seq_lens advance for the next;
-        where each token goes (owned ones in their slots, the others in the trash block)."""
-        if count > 1:
-            return self._multi_token_slots(count)
-        step_positions = self.positions.clone()
-        self.positions += 1
-        blocks = torch.div(step_positions, self.block_size, rounding_mode="floor")
-        owned = torch.remainder(blocks, self.kvp) == self.kvp_index
-        self.seq_lens += owned.to(torch.int32)
-        local = torch.div(blocks, self.kvp, rounding_mode="floor").clamp(max=self.max_blocks - 1)
-        mapped = self.block_table.gather(1, local.unsqueeze(1)).squeeze(1).to(torch.int64)
-        physical = torch.where(owned, mapped, torch.full_like(mapped, self.trash_block))
-        return StepSlots(physical, torch.remainder(step_positions, self.block_size), step_positions)
-
-    def _multi_token_slots(self, count: int) -> StepSlots:
-        """step_slots for count > 1 tokens per sequence, at positions[b] + [0, count): a step may
-        cross a block boundary, so its tokens may have two owners. Token i of sequence b sees
-        the shard's keys up to its own position: the keys held before the step plus this rank's
-        share of tokens 0..i."""
+        step's positions (count per sequence, at positions[b] + [0, count)), then positions and
+        seq_lens advance for the next; where each token goes (owned ones in their slots, the
+        others in the trash block). A step of several tokens may cross a block boundary, so its
+        tokens may have two owners; token i of sequence b then sees the shard's keys up to its
+        own position: those held before the step plus this rank's share of tokens 0..i."""
         step_positions = self.positions.unsqueeze(1) + torch.arange(count, device=self.positions.device)  # [B, T]
         self.positions += count
         blocks = torch.div(step_positions, self.block_size, rounding_mode="floor")
-        owned = torch.remainder(blocks, self.kvp) == self.kvp_index
-        query_key_lens = (self.seq_lens.unsqueeze(1) + owned.to(torch.int32).cumsum(1)).to(torch.int32)
-        self.seq_lens += owned.to(torch.int32).sum(1, dtype=torch.int32)
+        owned = (torch.remainder(blocks, self.kvp) == self.kvp_index).to(torch.int32)
+        query_key_lens = None if count == 1 else self.seq_lens.unsqueeze(1) + owned.cumsum(1, dtype=torch.int32)
+        self.seq_lens += owned.sum(1, dtype=torch.int32)
         local = torch.div(blocks, self.kvp, rounding_mode="floor").clamp(max=self.max_blocks - 1)
         mapped = self.block_table.gather(1, local).to(torch.int64)
-        physical = torch.where(owned, mapped, torch.full_like(mapped, self.trash_block))
+        physical = torch.where(owned.bool(), mapped, torch.full_like(mapped, self.trash_block))
         return StepSlots(physical.flatten(), torch.remainder(step_positions, self.block_size).flatten(),
                          step_positions.flatten(), query_key_lens=query_key_lens)
 

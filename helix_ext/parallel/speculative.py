@@ -37,14 +37,12 @@ def accept_greedy(tokens: torch.Tensor, logits: torch.Tensor) -> tuple[list[list
     drafts), logits [B, T, vocab]. For each sequence: the new tokens (the accepted drafts,
     then the model's token after them) and kept, the step's tokens whose KV stays (1 + the
     accepted drafts)."""
-    predicted = logits.argmax(dim=-1).cpu()
-    tokens = tokens.cpu()
     new_tokens, kept = [], []
-    for b in range(tokens.shape[0]):
+    for row, choices in zip(tokens.tolist(), logits.argmax(dim=-1).tolist()):
         accepted = 0
-        while accepted + 1 < tokens.shape[1] and int(tokens[b, accepted + 1]) == int(predicted[b, accepted]):
+        while accepted + 1 < len(row) and row[accepted + 1] == choices[accepted]:
             accepted += 1
-        new_tokens.append([int(t) for t in tokens[b, 1:accepted + 1]] + [int(predicted[b, accepted])])
+        new_tokens.append(row[1:accepted + 1] + [choices[accepted]])
         kept.append(accepted + 1)
     return new_tokens, kept
 

@@ -145,8 +145,8 @@ def test_a_host_value_in_the_captured_step_is_caught(monkeypatch):
 
     original = HelixKVCache.step_slots
 
-    def slots_with_a_host_value(self):
-        slots = original(self)
+    def slots_with_a_host_value(self, count=1):
+        slots = original(self, count)
         slots.offset = slots.offset + torch.full_like(slots.offset, self._next_positions[0]) * 0  # adds 0
         return slots
 
@@ -163,7 +163,7 @@ def test_a_tensor_rebound_every_step_is_caught(monkeypatch):
     # a graph would keep reading the one it captured.
     from helix_ext.parallel.kv_cache import HelixKVCache, StepSlots
 
-    def slots_rebinding_positions(self):
+    def slots_rebinding_positions(self, count=1):
         step_positions = self.positions
         self.positions = self.positions + 1
         return StepSlots(torch.zeros_like(step_positions), torch.remainder(step_positions, self.block_size),
