@@ -253,7 +253,8 @@ def _check_flash_decode_cuda(q, k_cache, v_cache, head_dim_k, dim_v, num_splits)
                            f"{'v_cache=None' if mla else 'a v_cache'} (the CPU kernel takes any head dims)")
     if num_splits > _FLASH_DECODE_MAX_SPLITS:
         raise RuntimeError(f"flash_decode: num_splits must be at most {_FLASH_DECODE_MAX_SPLITS}, got {num_splits}")
-    for tensor, name, dims in ((q, "q", tuple(range(q.dim() - 1))), (k_cache, "k_cache", (0, 1, 2)), (v_cache, "v_cache", (0, 1, 2))):
+    q_dims = tuple(range(q.dim() - 1))  # every dim but the last (Dk)
+    for tensor, name, dims in ((q, "q", q_dims), (k_cache, "k_cache", (0, 1, 2)), (v_cache, "v_cache", (0, 1, 2))):
         if tensor is None:
             continue
         element = tensor.element_size()
